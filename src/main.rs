@@ -1,0 +1,2 @@
+pub mod multipart;
+fn main() {}
