@@ -1,2 +1,86 @@
-pub mod multipart;
-fn main() {}
+//! unpart: see README.md. Startup only; the work is in the modules.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser as _;
+use pingora::server::configuration::Opt;
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+mod admin;
+mod cli;
+mod config;
+mod multipart;
+mod proxy;
+mod reject;
+mod rewrite;
+mod stream;
+mod upstream;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+
+    let mut conf = match &args.conf {
+        Some(path) => match config::Config::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        },
+        None => config::Config::default(),
+    };
+    if let Some(v) = &args.listen {
+        conf.listen = v.clone();
+    }
+    if let Some(v) = &args.upstream {
+        conf.upstream = v.clone();
+    }
+    if let Some(v) = &args.admin {
+        conf.admin = v.clone();
+    }
+    let settings = match conf.settings() {
+        Ok(s) => Arc::new(s),
+        Err(e) => return fail(&e),
+    };
+    if args.test {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+
+    let opt = Opt {
+        upgrade: args.upgrade,
+        daemon: args.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf.server_conf());
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy::Unpart::new(settings.clone()),
+        "unpart proxy",
+    );
+    proxy.add_tcp(&settings.listen);
+    let mut admin = Service::new(
+        "unpart admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(admin::Admin),
+    );
+    admin.add_tcp(&settings.admin);
+    server.add_service(proxy);
+    server.add_service(admin);
+    log::info!(
+        "unpart {} listening on {}, upstream {}, admin {}",
+        env!("CARGO_PKG_VERSION"),
+        settings.listen,
+        settings.upstream,
+        settings.admin
+    );
+    server.run_forever()
+}
+
+fn fail(e: &config::ConfigError) -> ExitCode {
+    eprintln!("unpart: configuration error: {e}");
+    ExitCode::FAILURE
+}

@@ -118,7 +118,9 @@ fn check_essence(s: &[u8]) -> Result<(), MediaTypeError> {
         return Err(MediaTypeError::Invalid("expected token after slash"));
     }
     if !rest.is_empty() {
-        return Err(MediaTypeError::Invalid("unexpected content after media subtype"));
+        return Err(MediaTypeError::Invalid(
+            "unexpected content after media subtype",
+        ));
     }
     Ok(())
 }
@@ -137,7 +139,8 @@ pub fn parse(v: &[u8]) -> Result<MediaType, MediaTypeError> {
     let base_end = memchr::memchr(b';', v).unwrap_or(v.len());
     let essence = trim_space(&v[..base_end]).to_ascii_lowercase();
     check_essence(&essence)?;
-    let essence = String::from_utf8(essence).map_err(|_| MediaTypeError::Invalid("no media type"))?;
+    let essence =
+        String::from_utf8(essence).map_err(|_| MediaTypeError::Invalid("no media type"))?;
 
     let mut plain: Vec<(String, Vec<u8>)> = Vec::new();
     // RFC 2231 pieces (`name*`, `name*0`, `name*1*`, ...) by base name, in arrival order.
@@ -202,7 +205,12 @@ fn consume_param(v: &[u8]) -> Option<(String, Vec<u8>, &[u8])> {
 }
 
 fn stitch_2231(base: &str, pieces: &[(String, Vec<u8>)]) -> Option<Vec<u8>> {
-    let get = |k: &str| pieces.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_slice());
+    let get = |k: &str| {
+        pieces
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_slice())
+    };
     if let Some(v) = get(&format!("{base}*")) {
         return decode_2231(v);
     }

@@ -36,8 +36,8 @@ pub fn form_boundary(content_type: &[u8]) -> Result<Option<Vec<u8>>, BoundaryErr
     if !essence.eq_ignore_ascii_case(b"multipart/form-data") {
         return Ok(None);
     }
-    let mt = mediatype::parse(content_type)
-        .map_err(|e| BoundaryError::BadContentType(e.to_string()))?;
+    let mt =
+        mediatype::parse(content_type).map_err(|e| BoundaryError::BadContentType(e.to_string()))?;
     let boundary = mt.param("boundary").ok_or(BoundaryError::Missing)?;
     if boundary.is_empty() {
         return Err(BoundaryError::Empty);

@@ -68,7 +68,9 @@ impl std::fmt::Display for ParseError {
             ParseError::Incomplete => write!(f, "body ended before the closing boundary"),
             ParseError::BadBoundaryLine => write!(f, "malformed boundary line"),
             ParseError::BadPartHeader(why) => write!(f, "malformed part header: {why}"),
-            ParseError::LineTooLong(n) => write!(f, "preamble or boundary line longer than {n} bytes"),
+            ParseError::LineTooLong(n) => {
+                write!(f, "preamble or boundary line longer than {n} bytes")
+            }
             ParseError::PartHeaderTooLarge(n) => write!(f, "part headers longer than {n} bytes"),
             ParseError::TooManyParts(n) => write!(f, "more than {n} parts"),
         }
@@ -140,6 +142,8 @@ pub struct Parser {
     pending_end: bool,
     head: PartHead,
     head_bytes: usize,
+    /// Bytes pushed so far.
+    pushed: u64,
 }
 
 impl Parser {
@@ -164,12 +168,17 @@ impl Parser {
             pending_end: false,
             head: PartHead::default(),
             head_bytes: 0,
+            pushed: 0,
         }
     }
 
     /// Hand the parser the next chunk. Call only after `next_event` returned `Ok(None)`.
     pub fn push(&mut self, chunk: Bytes) {
-        debug_assert!(self.input.is_empty(), "push before the last chunk was consumed");
+        debug_assert!(
+            self.input.is_empty(),
+            "push before the last chunk was consumed"
+        );
+        self.pushed += chunk.len() as u64;
         if self.state == State::Epilogue {
             return;
         }
@@ -184,6 +193,11 @@ impl Parser {
     /// Bytes the parser holds copied, for the memory bound tests.
     pub fn buffered(&self) -> usize {
         self.carry.capacity() + self.head_bytes
+    }
+
+    /// Bytes of input turned into events so far (pushed minus what still waits).
+    pub fn position(&self) -> u64 {
+        self.pushed - (self.input.len() + self.carry.len()) as u64
     }
 
     pub fn is_done(&self) -> bool {
@@ -218,7 +232,10 @@ impl Parser {
                     }
                 }
                 State::Headers => {
-                    let room = self.limits.part_header_bytes.saturating_sub(self.head_bytes);
+                    let room = self
+                        .limits
+                        .part_header_bytes
+                        .saturating_sub(self.head_bytes);
                     let Some(line) = self.take_line(room)? else {
                         return self.need_more();
                     };
@@ -363,7 +380,9 @@ impl Parser {
             return Ok(None);
         }
         let Some(colon) = memchr::memchr(b':', line) else {
-            return Err(ParseError::BadPartHeader("header line without a colon".into()));
+            return Err(ParseError::BadPartHeader(
+                "header line without a colon".into(),
+            ));
         };
         if colon > 0 {
             let value = trim_lwsp(&line[colon + 1..]).to_vec();

@@ -19,7 +19,11 @@ fn run(body: &[u8], boundary: &str, chunks: &[usize], limits: ParserLimits) -> O
         if eof {
             p.finish();
         } else {
-            let n = sizes.next().unwrap_or(body.len()).max(1).min(body.len() - pos);
+            let n = sizes
+                .next()
+                .unwrap_or(body.len())
+                .max(1)
+                .min(body.len() - pos);
             p.push(Bytes::copy_from_slice(&body[pos..pos + n]));
             pos += n;
         }
@@ -29,7 +33,11 @@ fn run(body: &[u8], boundary: &str, chunks: &[usize], limits: ParserLimits) -> O
                 Ok(Some(Event::Part(h))) => parts.push((h, Vec::new())),
                 Ok(Some(Event::Data(d))) => {
                     assert!(!d.is_empty(), "empty data event");
-                    parts.last_mut().expect("data before part").1.extend_from_slice(&d)
+                    parts
+                        .last_mut()
+                        .expect("data before part")
+                        .1
+                        .extend_from_slice(&d)
                 }
                 Ok(Some(Event::PartEnd)) => {}
                 Ok(Some(Event::End)) => ended = true,
@@ -48,7 +56,11 @@ fn run(body: &[u8], boundary: &str, chunks: &[usize], limits: ParserLimits) -> O
 fn parse(body: &[u8], boundary: &str) -> Outcome {
     let limits = ParserLimits::default();
     let whole = run(body, boundary, &[body.len().max(1)], limits);
-    assert_eq!(run(body, boundary, &[1], limits), whole, "one-byte chunks differ");
+    assert_eq!(
+        run(body, boundary, &[1], limits),
+        whole,
+        "one-byte chunks differ"
+    );
     for split in 1..body.len() {
         let r = run(body, boundary, &[split, body.len()], limits);
         assert_eq!(r, whole, "split at {split} differs");
@@ -100,7 +112,10 @@ fn preamble_and_epilogue_are_ignored() {
 #[test]
 fn header_line_without_colon_is_an_error() {
     let body = b"--b\r\nnot a header\r\n\r\ndata\r\n--b--\r\n";
-    assert!(matches!(parse(body, "b"), Outcome::Err(ParseError::BadPartHeader(_))));
+    assert!(matches!(
+        parse(body, "b"),
+        Outcome::Err(ParseError::BadPartHeader(_))
+    ));
 }
 
 #[test]
@@ -109,7 +124,10 @@ fn folded_headers_and_first_line_folding() {
     let p = parts(parse(body, "b"));
     assert_eq!(p[0].0, cd("form-data; name=\"a\""));
     let bad = b"--b\r\n folded: first\r\n\r\nv\r\n--b--";
-    assert!(matches!(parse(bad, "b"), Outcome::Err(ParseError::BadPartHeader(_))));
+    assert!(matches!(
+        parse(bad, "b"),
+        Outcome::Err(ParseError::BadPartHeader(_))
+    ));
 }
 
 #[test]
@@ -133,7 +151,10 @@ fn boundary_line_with_padding_and_garbage() {
     assert_eq!(parse(bad, "b"), Outcome::Err(ParseError::BadBoundaryLine));
     // In CRLF mode a closing line ending in a bare LF is not a closing line (Go agrees).
     let bad_final = b"--b\r\nA: 1\r\n\r\nx\r\n--b--\n";
-    assert_eq!(parse(bad_final, "b"), Outcome::Err(ParseError::BadBoundaryLine));
+    assert_eq!(
+        parse(bad_final, "b"),
+        Outcome::Err(ParseError::BadBoundaryLine)
+    );
 }
 
 #[test]
@@ -144,7 +165,8 @@ fn closing_boundary_at_eof_without_newline() {
 
 #[test]
 fn lf_mode() {
-    let body = b"--b\nContent-Disposition: form-data; name=\"a\"\n\nv\r\nw\n--b\nA: 2\n\nz\n--b--\n";
+    let body =
+        b"--b\nContent-Disposition: form-data; name=\"a\"\n\nv\r\nw\n--b\nA: 2\n\nz\n--b--\n";
     let p = parts(parse(body, "b"));
     assert_eq!(p.len(), 2);
     assert_eq!(p[0].1, b"v\r\nw");
@@ -200,10 +222,16 @@ fn limits() {
         Outcome::Err(ParseError::PartHeaderTooLarge(64))
     );
     let three = b"--b\r\nA: 1\r\n\r\n\r\n--b\r\nA: 1\r\n\r\n\r\n--b\r\nA: 1\r\n\r\n\r\n--b--\r\n";
-    assert_eq!(run(three, "b", &[5], limits), Outcome::Err(ParseError::TooManyParts(2)));
+    assert_eq!(
+        run(three, "b", &[5], limits),
+        Outcome::Err(ParseError::TooManyParts(2))
+    );
     // A flood of CRs with no LF in the preamble is one endless line.
     let flood = vec![b'\r'; 1000];
-    assert_eq!(run(&flood, "b", &[10], limits), Outcome::Err(ParseError::LineTooLong(32)));
+    assert_eq!(
+        run(&flood, "b", &[10], limits),
+        Outcome::Err(ParseError::LineTooLong(32))
+    );
     let padded = format!("--b\r\nA: 1\r\n\r\nx\r\n--b{}\r\n", " ".repeat(100));
     assert_eq!(
         run(padded.as_bytes(), "b", &[9], limits),

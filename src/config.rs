@@ -1,0 +1,606 @@
+//! The one YAML file: unpart's own keys and pingora's server keys side by side.
+//!
+//! Every struct denies unknown keys, so a typo is an error that names the key instead of a
+//! setting that silently keeps its default. `conf/unpart.yaml` documents each key; its values
+//! are the defaults below, and a test keeps the two in step.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pingora::server::configuration::ServerConf;
+use serde::{Deserialize, Deserializer};
+
+/// How a route treats `multipart/form-data` requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Fields before the file become headers, the file streams as the body.
+    Stream,
+    /// The file is spooled to disk first (not available yet).
+    Spool,
+    /// Proxied unchanged.
+    Passthrough,
+}
+
+/// A byte count: a plain integer, or a string with a unit (`64KiB`, `10MB`, `1GiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (use e.g. 65536, 64KiB, 10MB, 1GiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1000,
+        "KiB" => 1 << 10,
+        "M" | "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "G" | "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        u => return Err(format!("unknown size unit `{u}` in `{s}`")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Seconds, as a number (fractions allowed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seconds(pub Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = f64::deserialize(d)?;
+        if !(s > 0.0 && s <= 86_400.0) {
+            return Err(serde::de::Error::custom(format!(
+                "{s} is not a timeout in seconds between 0 and 86400"
+            )));
+        }
+        Ok(Seconds(Duration::from_secs_f64(s)))
+    }
+}
+
+/// Declares `Limits` (every field set, with its default) and `LimitsPatch` (what one YAML
+/// `limits:` block sets) from one list, so a route's limits are the top-level ones with its
+/// own keys laid over them.
+macro_rules! limits {
+    ($( $(#[$doc:meta])* $name:ident = $default:expr ),* $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct Limits { $( $(#[$doc])* pub $name: u64, )* }
+
+        impl Default for Limits {
+            fn default() -> Self { Limits { $( $name: $default, )* } }
+        }
+
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct LimitsPatch { $( #[serde(default)] pub $name: Option<ByteSize>, )* }
+
+        impl Limits {
+            pub fn patched(&self, p: &LimitsPatch) -> Limits {
+                Limits { $( $name: p.$name.map_or(self.$name, |b| b.0), )* }
+            }
+        }
+    };
+}
+
+limits! {
+    /// Bytes of one part's header block.
+    part_header_bytes = 8 * 1024,
+    /// Parts in one body (fields, files and skipped parts).
+    parts = 128,
+    /// Plain fields in one body.
+    fields = 64,
+    /// Bytes of one field value, before encoding.
+    field_value_bytes = 8 * 1024,
+    /// Bytes of all headers unpart generates for one request, after encoding.
+    header_bytes = 32 * 1024,
+    /// Body bytes read before the file part's data starts (preamble, fields, part headers).
+    bytes_before_file = 256 * 1024,
+    /// Bytes of the file; 0 means unlimited.
+    file_bytes = 0,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConf {
+    pub prefix: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub limits: LimitsPatch,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadersConf {
+    pub reserved_prefixes: Vec<String>,
+    pub field_prefix: String,
+    pub file_name: String,
+    pub file_field: String,
+}
+
+impl Default for HeadersConf {
+    fn default() -> Self {
+        HeadersConf {
+            reserved_prefixes: vec!["X-Form-".into(), "X-File-".into()],
+            field_prefix: "X-Form-".into(),
+            file_name: "X-File-Name".into(),
+            file_field: "X-File-Field".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutsConf {
+    /// A client that sends no body bytes for this long is cut off.
+    pub client_body_idle: Seconds,
+    pub upstream_connect: Seconds,
+    /// Per read of the upstream response.
+    pub upstream_read: Seconds,
+    /// Per write of the request upstream.
+    pub upstream_write: Seconds,
+    /// How long an idle pooled upstream connection is kept.
+    pub upstream_idle: Seconds,
+}
+
+impl Default for TimeoutsConf {
+    fn default() -> Self {
+        let s = |n| Seconds(Duration::from_secs(n));
+        TimeoutsConf {
+            client_body_idle: s(60),
+            upstream_connect: s(5),
+            upstream_read: s(60),
+            upstream_write: s(60),
+            upstream_idle: s(60),
+        }
+    }
+}
+
+/// The file as written. pingora's keys keep their pingora names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub admin: String,
+    pub upstream: String,
+    pub mode: Mode,
+    pub routes: Vec<RouteConf>,
+    pub limits: LimitsPatch,
+    pub headers: HeadersConf,
+    pub timeouts: TimeoutsConf,
+
+    pub threads: usize,
+    pub work_stealing: bool,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub daemon: bool,
+    pub error_log: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub grace_period_seconds: Option<u64>,
+    pub graceful_shutdown_timeout_seconds: Option<u64>,
+    pub upstream_keepalive_pool_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8080".into(),
+            admin: "127.0.0.1:6060".into(),
+            upstream: "127.0.0.1:8081".into(),
+            mode: Mode::Stream,
+            routes: Vec::new(),
+            limits: LimitsPatch::default(),
+            headers: HeadersConf::default(),
+            timeouts: TimeoutsConf::default(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            work_stealing: true,
+            pid_file: "/tmp/unpart.pid".into(),
+            upgrade_sock: "/tmp/unpart_upgrade.sock".into(),
+            daemon: false,
+            error_log: None,
+            user: None,
+            group: None,
+            grace_period_seconds: None,
+            graceful_shutdown_timeout_seconds: None,
+            upstream_keepalive_pool_size: 128,
+        }
+    }
+}
+
+/// Where the backend is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Tcp(a) => f.write_str(a),
+            UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A route with its mode and limits resolved.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub prefix: String,
+    pub methods: Vec<http::Method>,
+    pub mode: Mode,
+    pub limits: Limits,
+}
+
+impl Route {
+    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
+        path.starts_with(&self.prefix) && (self.methods.is_empty() || self.methods.contains(method))
+    }
+}
+
+/// The checked configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub admin: String,
+    pub upstream: UpstreamAddr,
+    /// In order; the first match wins. The last one is the default route (prefix `/`).
+    pub routes: Vec<Route>,
+    pub headers: HeadersConf,
+    pub timeouts: TimeoutsConf,
+}
+
+impl Settings {
+    pub fn route(&self, method: &http::Method, path: &str) -> &Route {
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, path))
+            .unwrap_or_else(|| &self.routes[self.routes.len() - 1])
+    }
+}
+
+/// A configuration error, naming the key.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+impl Config {
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        Config::from_yaml(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks every value and resolves routes; the error names the key and why.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        check_socket_addr("listen", &self.listen)?;
+        check_socket_addr("admin", &self.admin)?;
+        if self.listen == self.admin {
+            return err("admin: must not be the proxy's listen address");
+        }
+        let upstream = parse_upstream(&self.upstream)?;
+        check_mode("mode", self.mode)?;
+        let headers = check_headers(&self.headers)?;
+        if self.threads == 0 {
+            return err("threads: must be at least 1");
+        }
+        let base = Limits::default().patched(&self.limits);
+        check_limits("limits", &base)?;
+
+        let mut routes = Vec::with_capacity(self.routes.len() + 1);
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !r.prefix.starts_with('/') {
+                return err(format!("{key}.prefix: `{}` must start with `/`", r.prefix));
+            }
+            let mut methods = Vec::new();
+            for m in &r.methods {
+                let m = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| ConfigError(format!("{key}.methods: `{m}` is not a method")))?;
+                methods.push(m);
+            }
+            let mode = r.mode.unwrap_or(self.mode);
+            check_mode(&format!("{key}.mode"), mode)?;
+            let limits = base.patched(&r.limits);
+            check_limits(&format!("{key}.limits"), &limits)?;
+            routes.push(Route {
+                prefix: r.prefix.clone(),
+                methods,
+                mode,
+                limits,
+            });
+        }
+        routes.push(Route {
+            prefix: "/".into(),
+            methods: Vec::new(),
+            mode: self.mode,
+            limits: base,
+        });
+        Ok(Settings {
+            listen: self.listen.clone(),
+            admin: self.admin.clone(),
+            upstream,
+            routes,
+            headers,
+            timeouts: self.timeouts.clone(),
+        })
+    }
+
+    /// pingora's server configuration from the same file.
+    pub fn server_conf(&self) -> ServerConf {
+        ServerConf {
+            version: 1,
+            threads: self.threads,
+            work_stealing: self.work_stealing,
+            pid_file: self.pid_file.clone(),
+            upgrade_sock: self.upgrade_sock.clone(),
+            daemon: self.daemon,
+            error_log: self.error_log.clone(),
+            user: self.user.clone(),
+            group: self.group.clone(),
+            grace_period_seconds: self.grace_period_seconds,
+            graceful_shutdown_timeout_seconds: self.graceful_shutdown_timeout_seconds,
+            upstream_keepalive_pool_size: self.upstream_keepalive_pool_size,
+            ..ServerConf::default()
+        }
+    }
+}
+
+fn check_mode(key: &str, mode: Mode) -> Result<(), ConfigError> {
+    if mode == Mode::Spool {
+        return err(format!(
+            "{key}: `spool` is not available in this version; use `stream` (fields must come \
+             before the file) or `passthrough`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_socket_addr(key: &str, v: &str) -> Result<(), ConfigError> {
+    v.parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| ConfigError(format!("{key}: `{v}` is not an IP:port address")))
+}
+
+pub fn parse_upstream(v: &str) -> Result<UpstreamAddr, ConfigError> {
+    if let Some(path) = v.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return err(format!("upstream: `{v}` needs an absolute socket path"));
+        }
+        return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
+    }
+    match v.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(UpstreamAddr::Tcp(v.to_string()))
+        }
+        _ => err(format!(
+            "upstream: `{v}` is neither host:port nor unix:/path"
+        )),
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+}
+
+fn check_headers(h: &HeadersConf) -> Result<HeadersConf, ConfigError> {
+    if h.reserved_prefixes.is_empty() {
+        return err("headers.reserved_prefixes: must list at least the prefixes unpart generates");
+    }
+    for p in &h.reserved_prefixes {
+        if !is_token(p) {
+            return err(format!(
+                "headers.reserved_prefixes: `{p}` is not a header name prefix"
+            ));
+        }
+    }
+    let covered = |name: &str| {
+        h.reserved_prefixes
+            .iter()
+            .any(|p| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p))
+    };
+    for (key, name) in [
+        ("field_prefix", &h.field_prefix),
+        ("file_name", &h.file_name),
+        ("file_field", &h.file_field),
+    ] {
+        if !is_token(name) {
+            return err(format!(
+                "headers.{key}: `{name}` is not a valid header name"
+            ));
+        }
+        if !covered(name) {
+            return err(format!(
+                "headers.{key}: `{name}` does not start with one of headers.reserved_prefixes, \
+                 so a client could forge it"
+            ));
+        }
+    }
+    if h.file_name.eq_ignore_ascii_case(&h.file_field) {
+        return err("headers.file_field: must differ from headers.file_name");
+    }
+    Ok(h.clone())
+}
+
+fn check_limits(key: &str, l: &Limits) -> Result<(), ConfigError> {
+    for (name, v, min) in [
+        ("part_header_bytes", l.part_header_bytes, 64),
+        ("parts", l.parts, 1),
+        ("header_bytes", l.header_bytes, 256),
+        ("bytes_before_file", l.bytes_before_file, 64),
+    ] {
+        if v < min {
+            return err(format!("{key}.{name}: {v} is below the minimum of {min}"));
+        }
+    }
+    // Every generated header must also fit pingora's own cap of 256 request headers.
+    if l.fields > 200 {
+        return err(format!(
+            "{key}.fields: {} is above the maximum of 200",
+            l.fields
+        ));
+    }
+    if l.part_header_bytes > 1 << 20 || l.header_bytes > 1 << 20 {
+        return err(format!(
+            "{key}: part_header_bytes and header_bytes are capped at 1MiB"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let s = Config::from_yaml("").unwrap().settings().unwrap();
+        assert_eq!(s.listen, "0.0.0.0:8080");
+        assert_eq!(s.admin, "127.0.0.1:6060");
+        assert_eq!(s.upstream, UpstreamAddr::Tcp("127.0.0.1:8081".into()));
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.routes[0].mode, Mode::Stream);
+        assert_eq!(s.routes[0].limits, Limits::default());
+    }
+
+    #[test]
+    fn shipped_conf_matches_the_defaults() {
+        let text = include_str!("../conf/unpart.yaml");
+        let c = Config::from_yaml(text).unwrap();
+        let d = Config::default();
+        let s = c.settings().unwrap();
+        assert_eq!(s.routes.last().unwrap().limits, Limits::default());
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.admin, d.admin);
+        assert_eq!(c.upstream, d.upstream);
+        assert_eq!(c.mode, d.mode);
+        assert_eq!(c.headers.reserved_prefixes, d.headers.reserved_prefixes);
+        assert_eq!(c.timeouts.client_body_idle, d.timeouts.client_body_idle);
+        assert_eq!(c.timeouts.upstream_read, d.timeouts.upstream_read);
+        assert_eq!(c.pid_file, d.pid_file);
+    }
+
+    #[test]
+    fn misspelled_keys_are_errors() {
+        let e = Config::from_yaml("limts: {}\n").unwrap_err().0;
+        assert!(e.contains("unknown field `limts`"), "{e}");
+        let e = Config::from_yaml("limits:\n  partz: 3\n").unwrap_err().0;
+        assert!(e.contains("unknown field `partz`"), "{e}");
+        let e = Config::from_yaml("routes:\n  - prefix: /u\n    mdoe: stream\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("unknown field `mdoe`"), "{e}");
+    }
+
+    #[test]
+    fn routes_inherit_and_override_limits() {
+        let c = Config::from_yaml(
+            "limits: {fields: 10, file_bytes: 1GiB}\nroutes:\n  - prefix: /raw\n    mode: passthrough\n  - prefix: /up\n    methods: [post]\n    limits: {fields: 3}\n",
+        )
+        .unwrap();
+        let s = c.settings().unwrap();
+        let post = http::Method::POST;
+        assert_eq!(s.route(&post, "/raw/x").mode, Mode::Passthrough);
+        let up = s.route(&post, "/up/load");
+        assert_eq!(up.limits.fields, 3);
+        assert_eq!(up.limits.file_bytes, 1 << 30);
+        assert_eq!(s.route(&http::Method::PUT, "/up/load").prefix, "/");
+        assert_eq!(s.route(&post, "/other").limits.fields, 10);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("mode: spool\n", "mode: `spool`"),
+            ("mode: stram\n", "unknown variant `stram`"),
+            ("upstream: nowhere\n", "upstream:"),
+            ("upstream: unix:relative\n", "upstream:"),
+            ("listen: localhost\n", "listen:"),
+            ("routes:\n  - prefix: up\n", "routes[0].prefix"),
+            (
+                "routes:\n  - prefix: /u\n    mode: spool\n",
+                "routes[0].mode",
+            ),
+            ("limits: {parts: 0}\n", "limits.parts"),
+            ("limits: {file_bytes: 3XB}\n", "unknown size unit"),
+            ("headers: {file_name: Name}\n", "headers.file_name"),
+            (
+                "headers: {field_prefix: \"X Form\"}\n",
+                "headers.field_prefix",
+            ),
+            ("timeouts: {upstream_read: -1}\n", "timeout"),
+            ("threads: 0\n", "threads"),
+        ];
+        for (yaml, want) in cases {
+            let e = Config::from_yaml(yaml)
+                .and_then(|c| c.settings().map(|_| ()))
+                .unwrap_err()
+                .0;
+            assert!(e.contains(want), "{yaml:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert!(parse_size("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn pingora_keys_pass_through() {
+        let c =
+            Config::from_yaml("threads: 3\ngrace_period_seconds: 7\nupgrade_sock: /tmp/x.sock\n")
+                .unwrap();
+        let sc = c.server_conf();
+        assert_eq!(sc.threads, 3);
+        assert_eq!(sc.grace_period_seconds, Some(7));
+        assert_eq!(sc.upgrade_sock, "/tmp/x.sock");
+    }
+}

@@ -1,0 +1,147 @@
+//! The pingora proxy: routing, the reserved-header rule for every request, stream mode for
+//! multipart requests on stream routes, plain proxying for everything else, and the access log.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora::connectors::http::Connector;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+
+use crate::config::{Mode, Settings};
+use crate::multipart;
+use crate::rewrite;
+use crate::stream::{self, Failure, Upload};
+
+pub struct Unpart {
+    settings: Arc<Settings>,
+    /// Stream mode forwards by itself (pingora's proxy writes the upstream head before the
+    /// body can be read), so it keeps its own connection pool.
+    connector: Connector,
+}
+
+impl Unpart {
+    pub fn new(settings: Arc<Settings>) -> Unpart {
+        Unpart {
+            settings,
+            connector: Connector::new(None),
+        }
+    }
+}
+
+/// Per-request state: what the access log says.
+pub struct Ctx {
+    start: Instant,
+    /// Set when unpart answered the request itself (stream mode or a rejection).
+    handled: Option<stream::Stats>,
+}
+
+#[async_trait]
+impl ProxyHttp for Unpart {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            handled: None,
+        }
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // On every request, multipart or not: a client must never forge the contract headers.
+        let removed = rewrite::strip_reserved(session.req_header_mut(), &self.settings.headers);
+        if removed > 0 {
+            log::debug!("removed {removed} client-sent reserved header name(s)");
+        }
+        session.set_read_timeout(Some(self.settings.timeouts.client_body_idle.0));
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        let route = self.settings.route(&req.method, req.uri.path());
+        if route.mode != Mode::Stream {
+            return Ok(false);
+        }
+        let Some(ct) = req.headers.get(http::header::CONTENT_TYPE) else {
+            return Ok(false);
+        };
+        let boundary = match multipart::form_boundary(ct.as_bytes()) {
+            Ok(None) => return Ok(false),
+            Ok(Some(b)) => b,
+            Err(e) => {
+                let r = e.into();
+                log::warn!("{}: rejected: {}", session.request_summary(), describe(&r));
+                stream::respond(session, &r, false).await;
+                ctx.handled = Some(stream::Stats {
+                    outcome: r.error,
+                    ..Default::default()
+                });
+                return Ok(true);
+            }
+        };
+        let mut upload = Upload::new(&self.settings, &self.connector, route.limits, &boundary);
+        let result = upload.run(session).await;
+        match result {
+            Ok(()) => {}
+            Err(Failure::Reject(r)) => {
+                log::warn!("{}: rejected: {}", session.request_summary(), describe(&r));
+                upload.stats.outcome = r.error;
+                stream::respond(session, &r, upload.client_done).await;
+            }
+            Err(Failure::Client(why)) => {
+                log::warn!("{}: client failed: {why}", session.request_summary());
+                upload.stats.outcome = "client_aborted";
+                session.set_keepalive(None);
+            }
+            Err(Failure::AfterResponse(why)) => {
+                log::warn!("{}: {why}", session.request_summary());
+                upload.stats.outcome = "response_aborted";
+                session.set_keepalive(None);
+            }
+        }
+        ctx.handled = Some(upload.stats);
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        match crate::upstream::peer(&self.settings).await {
+            Ok(p) => Ok(Box::new(p)),
+            Err(e) => Error::e_explain(ErrorType::ConnectError, format!("upstream: {e}")),
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let (bytes_in, bytes_out, outcome) = match &ctx.handled {
+            Some(s) => (s.bytes_in, s.bytes_out, s.outcome.to_string()),
+            None => (
+                session.body_bytes_read() as u64,
+                session.body_bytes_sent() as u64,
+                match e {
+                    Some(e) => format!("error:{}", e.etype().as_str()),
+                    None => "proxied".to_string(),
+                },
+            ),
+        };
+        let req = session.req_header();
+        log::info!(
+            target: "access",
+            "{} {} {} {} in={} out={} {}ms {}",
+            session.client_addr().map_or("-".to_string(), |a| a.to_string()),
+            req.method,
+            req.uri,
+            status,
+            bytes_in,
+            bytes_out,
+            ctx.start.elapsed().as_millis(),
+            outcome
+        );
+    }
+}
+
+fn describe(r: &crate::reject::Reject) -> String {
+    format!("{} {} ({})", r.status, r.error, r.detail)
+}
