@@ -8,15 +8,7 @@ use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-mod admin;
-mod cli;
-mod config;
-mod multipart;
-mod proxy;
-mod reject;
-mod rewrite;
-mod stream;
-mod upstream;
+use unpart::{admin, cli, config, proxy};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

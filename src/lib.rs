@@ -1,0 +1,12 @@
+//! unpart: a reverse proxy that turns `multipart/form-data` uploads into raw streamed bodies
+//! with the form fields in headers. The binary (`main.rs`) only wires these modules together.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod multipart;
+pub mod proxy;
+pub mod reject;
+pub mod rewrite;
+pub mod stream;
+pub mod upstream;
