@@ -143,18 +143,13 @@ impl<'a> Upload<'a> {
             while let Some(ev) = self.parser.next_event().map_err(Reject::from)? {
                 self.on_event(session, ev).await?;
             }
-            if !self.file_seen && self.parser.position() > self.limits.bytes_before_file {
-                return Err(Reject::limit(
-                    "bytes_before_file",
-                    self.limits.bytes_before_file,
-                    "the body before the file",
-                )
-                .into());
+            if !self.file_seen {
+                self.check_before_file()?;
             }
         }
         // The closing boundary was seen (the parser fails otherwise) and the client's body
         // ended cleanly: only now may the backend see a complete request.
-        let mut up = match self.up.take() {
+        let up = match self.up.take() {
             Some(mut up) => {
                 if let Err(e) = up.http.finish_request_body().await {
                     return Err(self.upstream_write_failed(session, up, e).await);
@@ -163,12 +158,8 @@ impl<'a> Upload<'a> {
             }
             None => self.connect(session, None, Framing::Length(0)).await?,
         };
-        self.relay_response(session, &mut up).await?;
+        self.relay_response(session, up, true).await?;
         self.stats.outcome = "ok";
-        let idle = self.settings.timeouts.upstream_idle.0;
-        self.connector
-            .release_http_session(up.http, &up.peer, Some(idle))
-            .await;
         Ok(())
     }
 
@@ -185,6 +176,9 @@ impl<'a> Upload<'a> {
     }
 
     async fn on_event(&mut self, session: &mut Session, ev: Event) -> Result<(), Failure> {
+        if !self.file_seen {
+            self.check_before_file()?;
+        }
         match ev {
             Event::Part(head) => match classify(&head) {
                 PartKind::Ignored => self.current = Current::Skip,
@@ -254,6 +248,20 @@ impl<'a> Upload<'a> {
                 }
             }
             Event::End => {}
+        }
+        Ok(())
+    }
+
+    /// Everything before the file's data (preamble, fields, part headers) is bounded, so a
+    /// client cannot keep unpart parsing forever without ever starting the upload.
+    fn check_before_file(&self) -> Result<(), Reject> {
+        let max = self.limits.bytes_before_file;
+        if self.parser.position() > max {
+            return Err(Reject::limit(
+                "bytes_before_file",
+                max,
+                "the body before the file",
+            ));
         }
         Ok(())
     }
@@ -330,7 +338,7 @@ impl<'a> Upload<'a> {
                 .is_some_and(|h| h.status.as_u16() >= 200)
         {
             session.set_keepalive(None);
-            return match self.relay_response(session, &mut up).await {
+            return match self.relay_response(session, up, false).await {
                 Ok(()) => Failure::AfterResponse("backend answered before the body ended".into()),
                 Err(f) => f,
             };
@@ -338,39 +346,56 @@ impl<'a> Upload<'a> {
         Reject::upstream_failed(e.etype().as_str()).into()
     }
 
+    /// Relays the backend's response. With `reuse`, the upstream connection goes back to the
+    /// pool as soon as its response is complete, before the client has the last bytes, so
+    /// the client's next request finds it there.
     async fn relay_response(
         &mut self,
         session: &mut Session,
-        up: &mut Upstream,
+        up: Upstream,
+        reuse: bool,
     ) -> Result<(), Failure> {
+        let mut up = Some(up);
         let head = loop {
-            if let Err(e) = up.http.read_response_header().await {
+            let http = &mut up.as_mut().expect("held until released").http;
+            if let Err(e) = http.read_response_header().await {
                 return Err(match e.etype() {
                     ErrorType::ReadTimedout => Reject::upstream_timeout(e.etype().as_str()).into(),
                     _ => Reject::upstream_failed(e.etype().as_str()).into(),
                 });
             }
-            match up.http.response_header() {
+            match http.response_header() {
                 Some(h) if h.status.is_informational() && h.status.as_u16() != 101 => continue,
                 Some(h) => break h.clone(),
                 None => return Err(Reject::upstream_failed("no response header").into()),
             }
         };
         let status = head.status.as_u16();
+        if reuse {
+            self.release_if_done(&mut up).await;
+        }
         session
             .write_response_header(Box::new(head), false)
             .await
             .map_err(|e| Failure::Client(e.to_string()))?;
-        loop {
-            match up.http.read_response_body().await {
+        while let Some(u) = up.as_mut() {
+            match u.http.read_response_body().await {
                 Ok(Some(b)) => {
                     self.stats.bytes_out += b.len() as u64;
+                    if reuse {
+                        self.release_if_done(&mut up).await;
+                    }
                     session
                         .write_response_body(Some(b), false)
                         .await
                         .map_err(|e| Failure::Client(e.to_string()))?;
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if reuse {
+                        self.release_if_done(&mut up).await;
+                    }
+                    break;
+                }
                 Err(e) => {
                     return Err(Failure::AfterResponse(format!(
                         "backend response body failed after status {status}: {e}"
@@ -383,6 +408,18 @@ impl<'a> Upload<'a> {
             .await
             .map_err(|e| Failure::Client(e.to_string()))?;
         Ok(())
+    }
+
+    async fn release_if_done(&self, up: &mut Option<Upstream>) {
+        if !up.as_mut().is_some_and(|u| u.http.response_done()) {
+            return;
+        }
+        if let Some(u) = up.take() {
+            let idle = self.settings.timeouts.upstream_idle.0;
+            self.connector
+                .release_http_session(u.http, &u.peer, Some(idle))
+                .await;
+        }
     }
 }
 

@@ -228,7 +228,12 @@ fn serve_conn(conn: TcpStream, shared: Arc<Shared>) {
             );
             rec.body_sha256 = sha256_hex(b"");
             record(&shared, rec);
-            let _ = w.shutdown(Shutdown::Both);
+            // Like real servers: stop sending, drain what the client still sends, then close
+            // (closing with unread data would reset the connection and lose the answer).
+            let _ = w.shutdown(Shutdown::Write);
+            let mut sink = vec![0u8; 64 * 1024];
+            let _ = r.get_ref().set_read_timeout(Some(Duration::from_secs(2)));
+            while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
             return;
         }
         let limit = match behaviour {

@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Upload throughput and memory benchmark for unpart (issue #2). Not a test: it measures.
+#
+#   bash benches/upload.sh
+#   SIZE_MB=64 CONC=4 CONC_MB=16 bash benches/upload.sh      # a quick, smaller run
+#
+# It builds the release binaries, starts a counting upstream (examples/count_upstream.rs) and
+# unpart (release, threads: 2) on free 127.0.0.1 ports, and sends multipart/form-data uploads
+# (one small field, then the file; Content-Length framing) with examples/upload_client.rs,
+# through unpart and directly to the upstream:
+#   a. one SIZE_MB upload (default 1024 MiB),
+#   b. CONC concurrent CONC_MB uploads (default 16 x 256 MiB),
+#   c. unpart's peak RSS (VmHWM) and current RSS (VmRSS) afterwards,
+# and prints each measurement next to its target: unpart >= 0.9x direct throughput, peak RSS
+# <= 32 MiB with 16 concurrent uploads. The payload is generated in memory (no disk space).
+# MB/s is whole multipart body bytes (10^6) over the wall time from connect to the end of the
+# response; the upstream's byte count is checked against every upload.
+#
+# Each measurement is REPS (default 3) alternating direct/unpart runs; the median counts.
+# Environment: SIZE_MB, CONC, CONC_MB, REPS, REQ_TIMEOUT (seconds per client run, default 600),
+# LIFETIME (seconds the servers may live at most, default 3600), BUILD=0 to skip the build.
+# Everything binds 127.0.0.1; every wait is bounded; a trap stops everything it started and
+# removes its temp directory on exit, error or Ctrl-C.
+
+set -euo pipefail
+
+SIZE_MB=${SIZE_MB:-1024}
+CONC=${CONC:-16}
+CONC_MB=${CONC_MB:-256}
+REPS=${REPS:-3}
+REQ_TIMEOUT=${REQ_TIMEOUT:-600}
+LIFETIME=${LIFETIME:-3600}
+BUILD=${BUILD:-1}
+TARGET_RATIO=0.9
+TARGET_RSS_MIB=32
+for v in SIZE_MB CONC CONC_MB REPS REQ_TIMEOUT LIFETIME; do
+    if ! [[ ${!v} =~ ^[1-9][0-9]*$ ]]; then
+        echo "upload.sh: $v must be a positive integer, not '${!v}'" >&2
+        exit 2
+    fi
+done
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+REL="$ROOT/target/release"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/unpart-bench.XXXXXX")
+PIDS=()        # the servers' `timeout` wrappers, alive until cleanup
+CLIENT_PID=""  # the client run in progress, if any
+UNPART_PID=""
+UPSTREAM_PID=""
+
+alive() {
+    local p
+    for p in "$@"; do
+        kill -0 "$p" 2>/dev/null && return 0
+    done
+    return 1
+}
+# Stops the given PIDs: TERM, up to 10 s to exit, then KILL. Only PIDs this script started.
+stop() {
+    local p i
+    for p in "$@"; do
+        kill "$p" 2>/dev/null || true
+    done
+    for i in $(seq 1 100); do
+        alive "$@" || break
+        sleep 0.1
+    done
+    for p in "$@"; do
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local all=()
+    [ -n "$CLIENT_PID" ] && all+=("$CLIENT_PID")
+    # The servers' children first: a KILLed `timeout` would leave its child running.
+    [ -n "$UNPART_PID" ] && all+=("$UNPART_PID")
+    [ -n "$UPSTREAM_PID" ] && all+=("$UPSTREAM_PID")
+    all+=("${PIDS[@]}")
+    [ "${#all[@]}" -gt 0 ] && stop "${all[@]}"
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+die() {
+    echo "upload.sh: $*" >&2
+    for f in "$TMP"/*.log; do
+        [ -f "$f" ] || continue
+        echo "--- tail of $(basename "$f")" >&2
+        tail -n 20 "$f" >&2
+    done
+    exit 1
+}
+
+# Seconds since the epoch with fractions, for deadlines.
+now() { date +%s.%N; }
+before() { awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
+deadline() { awk -v a="$(now)" -v s="$1" 'BEGIN { printf "%.3f", a + s }'; }
+
+# The PID of the only child of $1 (the server that `timeout` runs), waiting up to 5 s.
+child_of() {
+    local d c
+    d=$(deadline 5)
+    while before "$d"; do
+        c=$(ps -o pid= --ppid "$1" | tr -d ' ' | head -n 1) || true
+        if [ -n "$c" ]; then
+            echo "$c"
+            return 0
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# A port below the kernel's ephemeral range that nothing listens on.
+pick_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 12000))
+        if ! port_in_use "$p"; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+kib_of() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+# user+system CPU seconds of a process.
+cpu_s() {
+    local tck
+    tck=$(getconf CLK_TCK)
+    sed 's/.*) //' "/proc/$1/stat" | awk -v t="$tck" '{ printf "%.2f", ($12 + $13) / t }'
+}
+
+field() { tr ' ' '\n' <"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
+
+# run_client NAME ADDR SIZE_MB CONC EXPECT: runs one client, output in $TMP/NAME.out.
+run_client() {
+    local name=$1 addr=$2 size=$3 conc=$4 expect=$5
+    timeout -s TERM "$REQ_TIMEOUT" "$REL/examples/upload_client" --addr "$addr" \
+        --size-mb "$size" --conc "$conc" --expect "$expect" --timeout 60 \
+        >"$TMP/$name.out" 2>"$TMP/$name.log" &
+    CLIENT_PID=$!
+    if ! wait "$CLIENT_PID"; then
+        CLIENT_PID=""
+        die "client run '$name' failed or ran out of its ${REQ_TIMEOUT} s: $(cat "$TMP/$name.log")"
+    fi
+    CLIENT_PID=""
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
+    END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+lowest() { printf '%s\n' "$@" | sort -g | head -n 1; }
+highest() { printf '%s\n' "$@" | sort -g | tail -n 1; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+verdict() { awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN {
+    ok = (op == ">=") ? (a >= b) : (a <= b); print ok ? "MET" : "NOT MET" }'; }
+
+# ---------------------------------------------------------------------------------------------
+if [ "$BUILD" = 1 ]; then
+    echo "building release binaries (cargo build --release --examples --bins) ..."
+    timeout 1800 cargo build --release --examples --bins >"$TMP/build.log" 2>&1 ||
+        die "cargo build failed"
+fi
+for b in unpart examples/count_upstream examples/upload_client; do
+    [ -x "$REL/$b" ] || die "missing $REL/$b (run without BUILD=0)"
+done
+
+# The counting upstream picks its own port and writes it down.
+timeout -k 10 -s TERM "$LIFETIME" "$REL/examples/count_upstream" --listen 127.0.0.1:0 \
+    --port-file "$TMP/upstream.port" 2>"$TMP/upstream.log" &
+PIDS+=("$!")
+UPSTREAM_PID=$(child_of "$!") || die "count_upstream did not start"
+d=$(deadline 10)
+until [ -s "$TMP/upstream.port" ]; do
+    before "$d" || die "count_upstream did not start"
+    sleep 0.05
+done
+UPSTREAM="127.0.0.1:$(cat "$TMP/upstream.port")"
+
+# unpart on two picked ports; a lost race to bind shows as an early exit: try again.
+for attempt in 1 2 3 4 5; do
+    LISTEN="127.0.0.1:$(pick_port)" || die "no free port"
+    ADMIN="127.0.0.1:$(pick_port)" || die "no free port"
+    [ "$LISTEN" != "$ADMIN" ] || continue
+    cat >"$TMP/unpart.yaml" <<EOF
+listen: $LISTEN
+admin: $ADMIN
+upstream: $UPSTREAM
+threads: 2
+pid_file: $TMP/unpart.pid
+upgrade_sock: $TMP/upgrade.sock
+grace_period_seconds: 0
+graceful_shutdown_timeout_seconds: 1
+EOF
+    RUST_LOG=info timeout -k 10 -s TERM "$LIFETIME" "$REL/unpart" -c "$TMP/unpart.yaml" \
+        >/dev/null 2>"$TMP/unpart.log" &
+    tpid=$!
+    PIDS+=("$tpid")
+    # An early exit is most likely a lost race for a port: try again with others.
+    UNPART_PID=$(child_of "$tpid") || UNPART_PID=""
+    ok=0
+    d=$(deadline 15)
+    while [ -n "$UNPART_PID" ] && before "$d" && kill -0 "$UNPART_PID" 2>/dev/null; do
+        if curl -sf --max-time 1 "http://$ADMIN/healthz" >/dev/null 2>&1 &&
+            port_in_use "${LISTEN#*:}"; then
+            ok=1
+            break
+        fi
+        sleep 0.05
+    done
+    [ "$ok" = 1 ] && break
+    stop ${UNPART_PID:+"$UNPART_PID"} "$tpid"
+    unset 'PIDS[${#PIDS[@]}-1]'
+    UNPART_PID=""
+done
+[ -n "$UNPART_PID" ] || die "unpart did not become healthy"
+
+echo "== unpart upload benchmark (issue #2)"
+echo "date:     $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+echo "host:     $(nproc) CPUs, $(uname -sr), $(awk '/MemTotal/ { printf "%.1f GiB RAM", $2/1048576 }' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
+changed=$(git -C "$ROOT" diff --name-only HEAD -- src Cargo.toml Cargo.lock 2>/dev/null | tr '\n' ' ')
+echo "commit:   $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)${changed:+ + uncommitted changes in: $changed}"
+echo "unpart:   $REL/unpart (release), threads: 2, pid $UNPART_PID, listen $LISTEN, upstream $UPSTREAM"
+echo "client:   examples/upload_client, Content-Length framing, 1 field + file, 1 MiB writes"
+echo "MB/s = multipart body bytes / 10^6 / wall seconds (connect .. end of response)"
+
+# Warm-up, and a check that both paths answer as expected.
+run_client warm_direct "$UPSTREAM" 8 1 body
+run_client warm_unpart "$LISTEN" 8 1 file
+echo "warm-up:  8 MiB direct and through unpart OK, unpart VmRSS $(mib "$(kib_of "$UNPART_PID" VmRSS)") MiB"
+
+# phase LABEL SIZE_MB CONC: REPS rounds, each one direct run then one unpart run (alternating,
+# so both see the same background noise); prints medians, every run, and the ratio of medians.
+# Sets RATIO.
+phase() {
+    local label=$1 size=$2 conc=$3 i c0 c1 out
+    local d=() u=() dmin=() dmax=() umin=() umax=() cpu=()
+    for i in $(seq 1 "$REPS"); do
+        out="$TMP/${label}_direct_$i"
+        run_client "${label}_direct_$i" "$UPSTREAM" "$size" "$conc" body
+        d+=("$(field "$out.out" mb_s)")
+        dmin+=("$(field "$out.out" min_s)")
+        dmax+=("$(field "$out.out" max_s)")
+        out="$TMP/${label}_unpart_$i"
+        c0=$(cpu_s "$UNPART_PID")
+        run_client "${label}_unpart_$i" "$LISTEN" "$size" "$conc" file
+        c1=$(cpu_s "$UNPART_PID")
+        u+=("$(field "$out.out" mb_s)")
+        umin+=("$(field "$out.out" min_s)")
+        umax+=("$(field "$out.out" max_s)")
+        cpu+=("$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')")
+    done
+    local md mu
+    md=$(median "${d[@]}")
+    mu=$(median "${u[@]}")
+    RATIO=$(ratio "$mu" "$md")
+    printf 'direct:  %8.1f MB/s median   runs: %s   per upload %s..%s s\n' "$md" "${d[*]}" \
+        "$(lowest "${dmin[@]}")" "$(highest "${dmax[@]}")"
+    printf 'unpart:  %8.1f MB/s median   runs: %s   per upload %s..%s s\n' "$mu" "${u[*]}" \
+        "$(lowest "${umin[@]}")" "$(highest "${umax[@]}")"
+    echo "unpart CPU (user+sys) per run: ${cpu[*]} s"
+    echo "ratio unpart/direct (medians): $RATIO   target >= $TARGET_RATIO: $(verdict "$RATIO" ">=" "$TARGET_RATIO")"
+}
+
+# a. One large upload.
+echo
+echo "== a. 1 upload of $SIZE_MB MiB, $REPS runs per path"
+phase single "$SIZE_MB" 1
+sr=$RATIO
+echo "unpart after a: VmHWM $(mib "$(kib_of "$UNPART_PID" VmHWM)") MiB, VmRSS $(mib "$(kib_of "$UNPART_PID" VmRSS)") MiB"
+
+# b. Concurrent uploads.
+echo
+echo "== b. $CONC concurrent uploads of $CONC_MB MiB each, $REPS runs per path (aggregate MB/s)"
+phase conc "$CONC_MB" "$CONC"
+cr=$RATIO
+
+# c. Memory.
+echo
+echo "== c. unpart memory after the runs"
+hwm=$(mib "$(kib_of "$UNPART_PID" VmHWM)")
+rss=$(mib "$(kib_of "$UNPART_PID" VmRSS)")
+echo "peak RSS (VmHWM): $hwm MiB   target <= $TARGET_RSS_MIB MiB with $CONC concurrent uploads: $(verdict "$hwm" "<=" "$TARGET_RSS_MIB")"
+echo "VmRSS now:        $rss MiB"
+
+# d. Summary.
+echo
+echo "== summary                       measured     target"
+printf '%-30s %8s x   >= %s x   %s\n' "1 x $SIZE_MB MiB unpart/direct" "$sr" "$TARGET_RATIO" "$(verdict "$sr" ">=" "$TARGET_RATIO")"
+printf '%-30s %8s x   >= %s x   %s\n' "$CONC x $CONC_MB MiB unpart/direct" "$cr" "$TARGET_RATIO" "$(verdict "$cr" ">=" "$TARGET_RATIO")"
+printf '%-30s %6s MiB   <= %s MiB   %s\n' "unpart peak RSS" "$hwm" "$TARGET_RSS_MIB" "$(verdict "$hwm" "<=" "$TARGET_RSS_MIB")"
+kill -0 "$UNPART_PID" 2>/dev/null || die "unpart exited during the run"
