@@ -4,11 +4,14 @@
 //! sends unescaped Windows paths); RFC 2231 `name*=` and `name*0=` forms are decoded; a repeated
 //! parameter makes the whole value invalid.
 
+/// Parameters by lower-cased name, in the order they came.
+type Params = Vec<(String, Vec<u8>)>;
+
 /// A parsed media type: lower-cased type and the parameters in the order they came.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaType {
     pub essence: String,
-    params: Vec<(String, Vec<u8>)>,
+    params: Params,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,9 +145,9 @@ pub fn parse(v: &[u8]) -> Result<MediaType, MediaTypeError> {
     let essence =
         String::from_utf8(essence).map_err(|_| MediaTypeError::Invalid("no media type"))?;
 
-    let mut plain: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut plain: Params = Vec::new();
     // RFC 2231 pieces (`name*`, `name*0`, `name*1*`, ...) by base name, in arrival order.
-    let mut starred: Vec<(String, Vec<(String, Vec<u8>)>)> = Vec::new();
+    let mut starred: Vec<(String, Params)> = Vec::new();
     let mut rest = &v[base_end..];
     loop {
         rest = trim_left_space(rest);
@@ -204,7 +207,7 @@ fn consume_param(v: &[u8]) -> Option<(String, Vec<u8>, &[u8])> {
     Some((key, value, rest))
 }
 
-fn stitch_2231(base: &str, pieces: &[(String, Vec<u8>)]) -> Option<Vec<u8>> {
+fn stitch_2231(base: &str, pieces: &Params) -> Option<Vec<u8>> {
     let get = |k: &str| {
         pieces
             .iter()

@@ -576,8 +576,11 @@ pub fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
     out
 }
 
-/// A multipart body built by hand: `(name, filename, content_type, data)`.
-pub fn form(boundary: &str, parts: &[(&str, Option<&str>, Option<&str>, &[u8])]) -> Vec<u8> {
+/// One part of a hand-built form: `(name, filename, content_type, data)`.
+pub type FormPart<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+
+/// A multipart body built by hand.
+pub fn form(boundary: &str, parts: &[FormPart]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, filename, ct, data) in parts {
         out.extend_from_slice(format!("--{boundary}\r\n").as_bytes());

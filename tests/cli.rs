@@ -1,0 +1,154 @@
+//! The command line: `-t` checks a config and names the bad key, overrides win over the file,
+//! `--help` and `--version` work, and no arguments means the embedded defaults.
+
+mod support;
+
+use std::process::Command;
+
+fn unpart(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_unpart"))
+        .args(args)
+        .output()
+        .expect("run unpart");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn conf(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("unpart-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn check_mode_accepts_the_shipped_config_and_defaults() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/unpart.yaml");
+    let (code, out, err) = unpart(&["-t", "-c", shipped]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("configuration OK"));
+    let (code, _, err) = unpart(&["-t"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn check_mode_names_the_bad_key() {
+    for (name, text, want) in [
+        (
+            "typo.yaml",
+            "upstrem: 127.0.0.1:1\n",
+            "unknown field `upstrem`",
+        ),
+        (
+            "nested.yaml",
+            "limits:\n  file_byte: 1\n",
+            "unknown field `file_byte`",
+        ),
+        (
+            "spool.yaml",
+            "mode: spool\n",
+            "mode: `spool` is not available",
+        ),
+        (
+            "route.yaml",
+            "routes:\n  - prefix: /x\n    mode: spool\n",
+            "routes[0].mode",
+        ),
+        (
+            "hdr.yaml",
+            "headers: {file_name: Filename}\n",
+            "headers.file_name",
+        ),
+        ("addr.yaml", "listen: 8080\n", "listen:"),
+    ] {
+        let p = conf(name, text);
+        let (code, _, err) = unpart(&["-t", "-c", p.to_str().unwrap()]);
+        assert_eq!(code, 1, "{name}");
+        assert!(err.contains(want), "{name}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: one line: {err}");
+    }
+    let (code, _, err) = unpart(&["-t", "-c", "/nonexistent/unpart.yaml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn command_line_overrides_win() {
+    let p = conf("ok.yaml", "listen: 127.0.0.1:1234\n");
+    let (code, _, err) = unpart(&["-t", "-c", p.to_str().unwrap(), "--listen", "nonsense"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("listen: `nonsense`"), "{err}");
+    let (code, _, err) = unpart(&[
+        "-t",
+        "--upstream",
+        "unix:/run/app.sock",
+        "--admin",
+        "127.0.0.1:7070",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = unpart(&["-t", "--upstream", "no-port"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("upstream:"), "{err}");
+}
+
+#[test]
+fn help_and_version() {
+    let (code, out, _) = unpart(&["--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--conf",
+        "--test",
+        "--listen",
+        "--upstream",
+        "--admin",
+        "--daemon",
+        "--upgrade",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}");
+    }
+    let (code, out, _) = unpart(&["--version"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("unpart {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn access_log_has_one_line_per_request() {
+    let up = support::Upstream::start();
+    let u = support::Unpart::start(&up.addr, "");
+    let body = support::form("b", &[("f", Some("x"), None, b"12345")]);
+    support::raw_request(&u.addr, &support::post("/up", &support::mp("b"), &body, "")).unwrap();
+    support::raw_request(&u.addr, b"GET /plain?x=1 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let deadline = std::time::Instant::now() + support::TIMEOUT;
+    loop {
+        let log = u.log_text();
+        let access: Vec<&str> = log.lines().filter(|l| l.contains(" access]")).collect();
+        if access.len() >= 2 {
+            assert!(
+                access[0].contains("POST /up 200") && access[0].contains(" ok"),
+                "{}",
+                access[0]
+            );
+            assert!(
+                access[0].contains(&format!("in={}", body.len())),
+                "{}",
+                access[0]
+            );
+            assert!(
+                access[1].contains("GET /plain?x=1 200") && access[1].contains("proxied"),
+                "{}",
+                access[1]
+            );
+            assert!(access.iter().all(|l| l.contains("ms ")));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access lines in:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
