@@ -152,3 +152,60 @@ fn access_log_has_one_line_per_request() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn daemon_mode_detaches_and_serves() {
+    let up = support::Upstream::start();
+    let dir = std::env::temp_dir().join(format!("unpart-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (listen, admin) = (port(0), port(1));
+    let pid_file = dir.join("unpart.pid");
+    let conf = dir.join("d.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: {listen}\nadmin: {admin}\nupstream: {}\npid_file: {}\nupgrade_sock: {}/u.sock\n",
+            up.addr,
+            pid_file.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    // -d: the command returns while the daemon keeps serving. The daemon keeps its standard
+    // streams, so they must not be pipes this test waits on.
+    let status = Command::new(env!("CARGO_BIN_EXE_unpart"))
+        .args(["-d", "-c", conf.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run unpart -d");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + support::TIMEOUT;
+    let mut pid = None;
+    while std::time::Instant::now() < deadline {
+        let ok = support::raw_request(&admin, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            .is_ok_and(|r| r.status == 200);
+        pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        if ok && pid.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = pid.expect("daemon wrote its pid file");
+    let resp = support::raw_request(&listen, b"GET /d HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(resp.status, 200);
+}

@@ -332,3 +332,25 @@ fn upstream_answering_early_is_relayed() {
     assert_eq!(resp.status, 413);
     assert_eq!(resp.body, b"too large");
 }
+
+#[test]
+fn silent_upstream_is_504_after_the_read_timeout() {
+    let up = Upstream::start();
+    up.set_behaviour(Behaviour::Stall(Duration::from_secs(5)));
+    let unpart = Unpart::start(&up.addr, "timeouts: {upstream_read: 0.5}\n");
+    let body = form("b", &[("f", Some("x"), None, b"data")]);
+    let started = Instant::now();
+    let resp = raw_request(&unpart.addr, &post("/u", &mp("b"), &body, "")).unwrap();
+    assert_eq!(
+        resp.status,
+        504,
+        "{:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert_eq!(json_error(&resp).0, "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(
+        up.wait_for(1)[0].complete,
+        "the request itself was complete"
+    );
+}

@@ -101,6 +101,8 @@ pub enum Behaviour {
     CloseAfter(u64),
     /// Answer 413 right after the head and close, without reading the body.
     Early413,
+    /// Read the whole body, then say nothing for this long before closing.
+    Stall(Duration),
 }
 
 struct Shared {
@@ -257,6 +259,11 @@ fn serve_conn(conn: TcpStream, shared: Arc<Shared>) {
         );
         record(&shared, rec);
         if complete != BodyEnd::Complete {
+            let _ = w.shutdown(Shutdown::Both);
+            return;
+        }
+        if let Behaviour::Stall(d) = behaviour {
+            thread::sleep(d);
             let _ = w.shutdown(Shutdown::Both);
             return;
         }
