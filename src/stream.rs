@@ -309,6 +309,10 @@ impl<'a> Upload<'a> {
                 .get_http_session(&peer)
                 .await
                 .map_err(|e| Reject::upstream_unreachable(e.etype().as_str()))?;
+            // pingora's h1 connector does not apply the peer's read/write timeouts itself.
+            let t = &self.settings.timeouts;
+            http.set_read_timeout(Some(t.upstream_read.0));
+            http.set_write_timeout(Some(t.upstream_write.0));
             match http.write_request_header(Box::new(head.clone())).await {
                 Ok(()) => return Ok(Upstream { http, peer }),
                 Err(e) if reused && attempt == 0 => {
