@@ -96,6 +96,14 @@ impl ProxyHttp for Unpart {
                 upload.stats.outcome = "client_aborted";
                 session.set_keepalive(None);
             }
+            Err(Failure::AnsweredEarly(status)) => {
+                log::warn!(
+                    "{}: the backend answered {status} before the body ended",
+                    session.request_summary()
+                );
+                upload.stats.outcome = "upstream_answered_early";
+                session.set_keepalive(None);
+            }
             Err(Failure::AfterResponse(why)) => {
                 log::warn!("{}: {why}", session.request_summary());
                 upload.stats.outcome = "response_aborted";

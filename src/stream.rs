@@ -40,6 +40,8 @@ pub enum Failure {
     Client(String),
     /// The response had started when things broke; nothing more can be said.
     AfterResponse(String),
+    /// The backend answered before the body ended and stopped reading; its answer was relayed.
+    AnsweredEarly(u16),
 }
 
 impl From<Reject> for Failure {
@@ -342,8 +344,9 @@ impl<'a> Upload<'a> {
                 .is_some_and(|h| h.status.as_u16() >= 200)
         {
             session.set_keepalive(None);
+            let status = up.http.response_header().map_or(0, |h| h.status.as_u16());
             return match self.relay_response(session, up, false).await {
-                Ok(()) => Failure::AfterResponse("backend answered before the body ended".into()),
+                Ok(()) => Failure::AnsweredEarly(status),
                 Err(f) => f,
             };
         }

@@ -42,10 +42,7 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        find_header(&self.headers, name)
     }
 
     pub fn all(&self, name: &str) -> Vec<&str> {
@@ -67,12 +64,20 @@ impl Received {
     }
 }
 
+/// The first value of `name`, case-insensitively.
+pub fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 pub fn unescape(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 1 {
+        if b[i] == b'%' && i + 2 < b.len() {
             let hex = std::str::from_utf8(&b[i + 1..i + 3]).expect("ascii");
             out.push(u8::from_str_radix(hex, 16).expect("valid escape"));
             i += 3;
@@ -200,12 +205,7 @@ fn serve_conn(conn: TcpStream, shared: Arc<Shared>) {
             return;
         };
         let behaviour = *shared.behaviour.lock().unwrap();
-        let get = |n: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.clone())
-        };
+        let get = |n: &str| find_header(&headers, n).map(str::to_string);
         let framing = if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
         {
             Framing::Chunked
@@ -495,10 +495,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        find_header(&self.headers, name)
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -520,12 +517,7 @@ pub fn read_response(s: &mut BufReader<TcpStream>) -> std::io::Result<Response> 
         .parse()
         .map_err(|_| std::io::Error::other("bad status"))?;
     let resp_headers = headers;
-    let get = |n: &str| {
-        resp_headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.clone())
-    };
+    let get = |n: &str| find_header(&resp_headers, n).map(str::to_string);
     let framing = if get("transfer-encoding").is_some() {
         Framing::Chunked
     } else if let Some(n) = get("content-length") {
