@@ -354,3 +354,27 @@ fn silent_upstream_is_504_after_the_read_timeout() {
         "the request itself was complete"
     );
 }
+
+#[test]
+fn backend_that_stops_reading_is_502_after_the_write_timeout() {
+    let up = Upstream::start();
+    up.set_behaviour(Behaviour::StopReading(1 << 20, Duration::from_secs(4)));
+    let unpart = Unpart::start(&up.addr, "timeouts: {upstream_write: 0.5}\n");
+    // Far more than the loopback socket buffers can hold.
+    let body = form("b", &[("f", Some("x"), None, &vec![5u8; 64 << 20])]);
+    let started = Instant::now();
+    let resp = raw_request(&unpart.addr, &post("/u", &mp("b"), &body, "")).unwrap();
+    assert_eq!(
+        resp.status,
+        502,
+        "{:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert_eq!(json_error(&resp).0, "upstream_failed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!up.wait_for(1)[0].complete);
+}

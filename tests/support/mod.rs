@@ -108,6 +108,8 @@ pub enum Behaviour {
     Early413,
     /// Read the whole body, then say nothing for this long before closing.
     Stall(Duration),
+    /// Read this many body bytes, then neither read nor answer for a while (a hung backend).
+    StopReading(u64, Duration),
 }
 
 struct Shared {
@@ -239,7 +241,7 @@ fn serve_conn(conn: TcpStream, shared: Arc<Shared>) {
             return;
         }
         let limit = match behaviour {
-            Behaviour::CloseAfter(n) => Some(n),
+            Behaviour::CloseAfter(n) | Behaviour::StopReading(n, _) => Some(n),
             _ => None,
         };
         let mut hasher = Sha256::new();
@@ -251,6 +253,9 @@ fn serve_conn(conn: TcpStream, shared: Arc<Shared>) {
             }
             rec.body_len += d.len() as u64;
         });
+        if let Behaviour::StopReading(_, d) = behaviour {
+            thread::sleep(d);
+        }
         rec.complete = complete == BodyEnd::Complete;
         rec.body_sha256 = hex(&hasher.finalize());
         let summary = format!(
