@@ -108,10 +108,6 @@ pub struct FormHeaders {
 pub struct HeadersTooLarge;
 
 impl FormHeaders {
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     fn push(&mut self, name: String, value: String, max: usize) -> Result<(), HeadersTooLarge> {
         // As they appear on the wire: `name: value\r\n`.
         let size = name.len() + value.len() + 4;

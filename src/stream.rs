@@ -165,15 +165,16 @@ impl<'a> Upload<'a> {
         Ok(())
     }
 
+    /// The idle timeout is pingora's own read timeout, set for every request in
+    /// `early_request_filter`.
     async fn read_client(&mut self, session: &mut Session) -> Result<Option<Bytes>, Failure> {
-        let idle = self.settings.timeouts.client_body_idle.0;
-        match tokio::time::timeout(idle, session.read_request_body()).await {
-            Ok(Ok(chunk)) => Ok(chunk),
-            Ok(Err(e)) if e.etype() == &ErrorType::ReadTimedout => {
+        match session.read_request_body().await {
+            Ok(chunk) => Ok(chunk),
+            Err(e) if e.etype() == &ErrorType::ReadTimedout => {
+                let idle = self.settings.timeouts.client_body_idle.0;
                 Err(Reject::client_timeout(idle.as_secs_f64()).into())
             }
-            Ok(Err(e)) => Err(Failure::Client(e.to_string())),
-            Err(_) => Err(Reject::client_timeout(idle.as_secs_f64()).into()),
+            Err(e) => Err(Failure::Client(e.to_string())),
         }
     }
 

@@ -200,10 +200,6 @@ impl Parser {
         self.pushed - (self.input.len() + self.carry.len()) as u64
     }
 
-    pub fn is_done(&self) -> bool {
-        self.state == State::Epilogue
-    }
-
     /// The next event, `Ok(None)` when more input is needed (or, after `End`, never again).
     pub fn next_event(&mut self) -> Result<Option<Event>, ParseError> {
         let r = self.step();
