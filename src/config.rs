@@ -16,10 +16,35 @@ use serde::{Deserialize, Deserializer};
 pub enum Mode {
     /// Fields before the file become headers, the file streams as the body.
     Stream,
-    /// The file is spooled to disk first (not available yet).
+    /// The file is written to a private temp file while the body arrives; the backend gets
+    /// every field and the file with an exact length once the body has ended cleanly.
     Spool,
     /// Proxied unchanged.
     Passthrough,
+}
+
+/// How stream mode frames the file's bytes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FramingMode {
+    /// `Transfer-Encoding: chunked`: works for any client.
+    Chunked,
+    /// An exact `Content-Length`, computed from the client's own, for backends that cannot
+    /// read a chunked body.
+    Length,
+}
+
+/// What `framing: length` does when the file's length cannot be computed up front (the
+/// client sent no Content-Length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LengthFallback {
+    /// Stream it chunked anyway.
+    Chunked,
+    /// Spool the file, then send it with its exact length.
+    Spool,
+    /// Answer 411 Length Required.
+    Reject,
 }
 
 /// A byte count: a plain integer, or a string with a unit (`64KiB`, `10MB`, `1GiB`).
@@ -128,6 +153,8 @@ pub struct RouteConf {
     #[serde(default)]
     pub methods: Vec<String>,
     pub mode: Option<Mode>,
+    pub framing: Option<FramingMode>,
+    pub length_fallback: Option<LengthFallback>,
     #[serde(default)]
     pub limits: LimitsPatch,
 }
@@ -139,6 +166,10 @@ pub struct HeadersConf {
     pub field_prefix: String,
     pub file_name: String,
     pub file_field: String,
+    /// Spool mode: the file's exact size.
+    pub file_size: String,
+    /// Spool mode: each digest's header is this prefix and the algorithm (`X-File-Sha256`).
+    pub file_digest_prefix: String,
 }
 
 impl Default for HeadersConf {
@@ -148,6 +179,8 @@ impl Default for HeadersConf {
             field_prefix: "X-Form-".into(),
             file_name: "X-File-Name".into(),
             file_field: "X-File-Field".into(),
+            file_size: "X-File-Size".into(),
+            file_digest_prefix: "X-File-".into(),
         }
     }
 }
@@ -179,6 +212,28 @@ impl Default for TimeoutsConf {
     }
 }
 
+/// Where and how much spool mode writes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConf {
+    /// Created (0700) at startup when a route can spool. Put it on a disk, not a tmpfs.
+    pub dir: PathBuf,
+    /// All spool files together; 0 means unlimited. Over it a request gets 507.
+    pub max_total_bytes: ByteSize,
+    /// Computed while the file is written, sent as headers.
+    pub digests: Vec<crate::digest::Algorithm>,
+}
+
+impl Default for SpoolConf {
+    fn default() -> Self {
+        SpoolConf {
+            dir: PathBuf::from("/var/tmp/unpart"),
+            max_total_bytes: ByteSize(8 << 30),
+            digests: vec![crate::digest::Algorithm::Sha256],
+        }
+    }
+}
+
 /// The file as written. pingora's keys keep their pingora names.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -187,10 +242,13 @@ pub struct Config {
     pub admin: String,
     pub upstream: String,
     pub mode: Mode,
+    pub framing: FramingMode,
+    pub length_fallback: LengthFallback,
     pub routes: Vec<RouteConf>,
     pub limits: LimitsPatch,
     pub headers: HeadersConf,
     pub timeouts: TimeoutsConf,
+    pub spool: SpoolConf,
 
     pub threads: usize,
     pub work_stealing: bool,
@@ -212,10 +270,13 @@ impl Default for Config {
             admin: "127.0.0.1:6060".into(),
             upstream: "127.0.0.1:8081".into(),
             mode: Mode::Stream,
+            framing: FramingMode::Chunked,
+            length_fallback: LengthFallback::Spool,
             routes: Vec::new(),
             limits: LimitsPatch::default(),
             headers: HeadersConf::default(),
             timeouts: TimeoutsConf::default(),
+            spool: SpoolConf::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             work_stealing: true,
             pid_file: "/tmp/unpart.pid".into(),
@@ -253,12 +314,25 @@ pub struct Route {
     pub prefix: String,
     pub methods: Vec<http::Method>,
     pub mode: Mode,
+    pub framing: FramingMode,
+    pub length_fallback: LengthFallback,
     pub limits: Limits,
 }
 
 impl Route {
     pub fn matches(&self, method: &http::Method, path: &str) -> bool {
         path.starts_with(&self.prefix) && (self.methods.is_empty() || self.methods.contains(method))
+    }
+
+    /// Whether a request on this route may write a spool file.
+    pub fn may_spool(&self) -> bool {
+        match self.mode {
+            Mode::Spool => true,
+            Mode::Stream => {
+                self.framing == FramingMode::Length && self.length_fallback == LengthFallback::Spool
+            }
+            Mode::Passthrough => false,
+        }
     }
 }
 
@@ -272,6 +346,7 @@ pub struct Settings {
     pub routes: Vec<Route>,
     pub headers: HeadersConf,
     pub timeouts: TimeoutsConf,
+    pub spool: SpoolConf,
 }
 
 impl Settings {
@@ -280,6 +355,11 @@ impl Settings {
             .iter()
             .find(|r| r.matches(method, path))
             .unwrap_or_else(|| &self.routes[self.routes.len() - 1])
+    }
+
+    /// Whether any route may write a spool file, so the spool directory must be ready.
+    pub fn spools(&self) -> bool {
+        self.routes.iter().any(Route::may_spool)
     }
 }
 
@@ -321,13 +401,13 @@ impl Config {
             return err("admin: must not be the proxy's listen address");
         }
         let upstream = parse_upstream(&self.upstream)?;
-        check_mode("mode", self.mode)?;
         let headers = check_headers(&self.headers)?;
         if self.threads == 0 {
             return err("threads: must be at least 1");
         }
         let base = Limits::default().patched(&self.limits);
         check_limits("limits", &base)?;
+        let spool = check_spool(&self.spool)?;
 
         let mut routes = Vec::with_capacity(self.routes.len() + 1);
         for (i, r) in self.routes.iter().enumerate() {
@@ -341,14 +421,14 @@ impl Config {
                     .map_err(|_| ConfigError(format!("{key}.methods: `{m}` is not a method")))?;
                 methods.push(m);
             }
-            let mode = r.mode.unwrap_or(self.mode);
-            check_mode(&format!("{key}.mode"), mode)?;
             let limits = base.patched(&r.limits);
             check_limits(&format!("{key}.limits"), &limits)?;
             routes.push(Route {
                 prefix: r.prefix.clone(),
                 methods,
-                mode,
+                mode: r.mode.unwrap_or(self.mode),
+                framing: r.framing.unwrap_or(self.framing),
+                length_fallback: r.length_fallback.unwrap_or(self.length_fallback),
                 limits,
             });
         }
@@ -356,6 +436,8 @@ impl Config {
             prefix: "/".into(),
             methods: Vec::new(),
             mode: self.mode,
+            framing: self.framing,
+            length_fallback: self.length_fallback,
             limits: base,
         });
         Ok(Settings {
@@ -365,6 +447,7 @@ impl Config {
             routes,
             headers,
             timeouts: self.timeouts.clone(),
+            spool,
         })
     }
 
@@ -388,14 +471,21 @@ impl Config {
     }
 }
 
-fn check_mode(key: &str, mode: Mode) -> Result<(), ConfigError> {
-    if mode == Mode::Spool {
+fn check_spool(s: &SpoolConf) -> Result<SpoolConf, ConfigError> {
+    if !s.dir.is_absolute() {
         return err(format!(
-            "{key}: `spool` is not available in this version; use `stream` (fields must come \
-             before the file) or `passthrough`"
+            "spool.dir: `{}` must be an absolute path",
+            s.dir.display()
         ));
     }
-    Ok(())
+    let mut s = s.clone();
+    let mut seen = Vec::new();
+    s.digests.retain(|d| {
+        let new = !seen.contains(d);
+        seen.push(*d);
+        new
+    });
+    Ok(s)
 }
 
 fn check_socket_addr(key: &str, v: &str) -> Result<(), ConfigError> {
@@ -443,10 +533,13 @@ fn check_headers(h: &HeadersConf) -> Result<HeadersConf, ConfigError> {
             .iter()
             .any(|p| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p))
     };
+    let digest = format!("{}Sha256", h.file_digest_prefix);
     for (key, name) in [
         ("field_prefix", &h.field_prefix),
         ("file_name", &h.file_name),
         ("file_field", &h.file_field),
+        ("file_size", &h.file_size),
+        ("file_digest_prefix", &digest),
     ] {
         if !is_token(name) {
             return err(format!(
@@ -460,8 +553,13 @@ fn check_headers(h: &HeadersConf) -> Result<HeadersConf, ConfigError> {
             ));
         }
     }
-    if h.file_name.eq_ignore_ascii_case(&h.file_field) {
-        return err("headers.file_field: must differ from headers.file_name");
+    let names = [&h.file_name, &h.file_field, &h.file_size];
+    for (i, a) in names.iter().enumerate() {
+        if names[..i].iter().any(|b| a.eq_ignore_ascii_case(b)) {
+            return err(format!(
+                "headers: `{a}` is used twice among file_name, file_field and file_size"
+            ));
+        }
     }
     Ok(h.clone())
 }
@@ -522,6 +620,14 @@ mod tests {
         assert_eq!(c.timeouts.client_body_idle, d.timeouts.client_body_idle);
         assert_eq!(c.timeouts.upstream_read, d.timeouts.upstream_read);
         assert_eq!(c.pid_file, d.pid_file);
+        assert_eq!(c.framing, d.framing);
+        assert_eq!(c.length_fallback, d.length_fallback);
+        assert_eq!(c.spool.dir, d.spool.dir);
+        assert_eq!(c.spool.max_total_bytes, d.spool.max_total_bytes);
+        assert_eq!(c.spool.digests, d.spool.digests);
+        assert_eq!(c.headers.file_size, d.headers.file_size);
+        assert_eq!(c.headers.file_digest_prefix, d.headers.file_digest_prefix);
+        assert!(!s.spools(), "the defaults never touch the disk");
     }
 
     #[test]
@@ -555,15 +661,18 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
-            ("mode: spool\n", "mode: `spool`"),
+            ("spool: {dir: relative/dir}\n", "spool.dir"),
+            ("spool: {digests: [sha3]}\n", "unknown variant `sha3`"),
+            ("framing: exact\n", "unknown variant `exact`"),
+            ("headers: {file_size: X-File-Name}\n", "used twice"),
             ("mode: stram\n", "unknown variant `stram`"),
             ("upstream: nowhere\n", "upstream:"),
             ("upstream: unix:relative\n", "upstream:"),
             ("listen: localhost\n", "listen:"),
             ("routes:\n  - prefix: up\n", "routes[0].prefix"),
             (
-                "routes:\n  - prefix: /u\n    mode: spool\n",
-                "routes[0].mode",
+                "routes:\n  - prefix: /u\n    length_fallback: maybe\n",
+                "unknown variant `maybe`",
             ),
             ("limits: {parts: 0}\n", "limits.parts"),
             ("limits: {file_bytes: 3XB}\n", "unknown size unit"),
@@ -582,6 +691,25 @@ mod tests {
                 .0;
             assert!(e.contains(want), "{yaml:?}: {e}");
         }
+    }
+
+    #[test]
+    fn which_routes_spool() {
+        let c = Config::from_yaml(
+            "framing: length\nlength_fallback: reject\nspool: {digests: [md5, sha256, md5]}\nroutes:\n  - prefix: /s\n    mode: spool\n  - prefix: /l\n    length_fallback: spool\n  - prefix: /c\n    framing: chunked\n",
+        )
+        .unwrap();
+        let s = c.settings().unwrap();
+        let post = http::Method::POST;
+        assert!(s.route(&post, "/s").may_spool());
+        let l = s.route(&post, "/l");
+        assert_eq!(l.framing, FramingMode::Length);
+        assert!(l.may_spool());
+        assert!(!s.route(&post, "/c").may_spool());
+        assert!(!s.route(&post, "/other").may_spool());
+        assert!(s.spools());
+        use crate::digest::Algorithm::*;
+        assert_eq!(s.spool.digests, vec![Md5, Sha256]);
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //! with the form fields in headers. The binary (`main.rs`) only wires these modules together.
 
 pub mod admin;
+pub mod answer;
 pub mod cli;
 pub mod config;
+pub mod digest;
+pub mod forward;
 pub mod multipart;
 pub mod proxy;
 pub mod reject;
 pub mod rewrite;
-pub mod stream;
+pub mod spool;
+pub mod upload;
 pub mod upstream;

@@ -8,7 +8,7 @@ use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use unpart::{admin, cli, config, proxy};
+use unpart::{admin, cli, config, proxy, spool};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
@@ -38,6 +38,25 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
+    let spool = if settings.spools() {
+        match spool::SpoolDir::prepare(&settings.spool) {
+            Ok(d) => Some(Arc::new(d)),
+            Err(e) => {
+                eprintln!(
+                    "unpart: spool.dir: cannot use {}: {e}",
+                    settings.spool.dir.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    // A spool write past RLIMIT_FSIZE must fail that one request (507), not kill the process.
+    // SAFETY: setting a signal's disposition to ignore, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 
     let opt = Opt {
         upgrade: args.upgrade,
@@ -51,7 +70,7 @@ fn main() -> ExitCode {
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        proxy::Unpart::new(settings.clone()),
+        proxy::Unpart::new(settings.clone(), spool),
         "unpart proxy",
     );
     proxy.add_tcp(&settings.listen);

@@ -10,23 +10,29 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
+use crate::answer;
 use crate::config::{Mode, Settings};
+use crate::forward::{Failure, Stats};
 use crate::multipart;
 use crate::rewrite;
-use crate::stream::{self, Failure, Upload};
+use crate::spool::SpoolDir;
+use crate::upload::Upload;
 
 pub struct Unpart {
     settings: Arc<Settings>,
-    /// Stream mode forwards by itself (pingora's proxy writes the upstream head before the
-    /// body can be read), so it keeps its own connection pool.
+    /// Stream and spool mode forward by themselves (pingora's proxy writes the upstream head
+    /// before the body can be read), so they keep their own connection pool.
     connector: Connector,
+    /// Present when a route can spool.
+    spool: Option<Arc<SpoolDir>>,
 }
 
 impl Unpart {
-    pub fn new(settings: Arc<Settings>) -> Unpart {
+    pub fn new(settings: Arc<Settings>, spool: Option<Arc<SpoolDir>>) -> Unpart {
         Unpart {
             settings,
             connector: Connector::new(None),
+            spool,
         }
     }
 }
@@ -34,8 +40,8 @@ impl Unpart {
 /// Per-request state: what the access log says.
 pub struct Ctx {
     start: Instant,
-    /// Set when unpart answered the request itself (stream mode or a rejection).
-    handled: Option<stream::Stats>,
+    /// Set when unpart answered the request itself (an upload or a rejection).
+    handled: Option<Stats>,
 }
 
 #[async_trait]
@@ -62,7 +68,7 @@ impl ProxyHttp for Unpart {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
         let route = self.settings.route(&req.method, req.uri.path());
-        if route.mode != Mode::Stream {
+        if route.mode == Mode::Passthrough {
             return Ok(false);
         }
         let Some(ct) = req.headers.get(http::header::CONTENT_TYPE) else {
@@ -74,22 +80,28 @@ impl ProxyHttp for Unpart {
             Err(e) => {
                 let r = e.into();
                 log::warn!("{}: rejected: {}", session.request_summary(), describe(&r));
-                stream::respond(session, &r, false).await;
-                ctx.handled = Some(stream::Stats {
+                answer::respond(session, &r, false).await;
+                ctx.handled = Some(Stats {
                     outcome: r.error,
                     ..Default::default()
                 });
                 return Ok(true);
             }
         };
-        let mut upload = Upload::new(&self.settings, &self.connector, route.limits, &boundary);
+        let mut upload = Upload::new(
+            &self.settings,
+            &self.connector,
+            self.spool.as_ref(),
+            route,
+            &boundary,
+        );
         let result = upload.run(session).await;
         match result {
             Ok(()) => {}
             Err(Failure::Reject(r)) => {
                 log::warn!("{}: rejected: {}", session.request_summary(), describe(&r));
                 upload.stats.outcome = r.error;
-                stream::respond(session, &r, upload.client_done).await;
+                answer::respond(session, &r, upload.client_done).await;
             }
             Err(Failure::Client(why)) => {
                 log::warn!("{}: client failed: {why}", session.request_summary());

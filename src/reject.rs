@@ -62,6 +62,55 @@ impl Reject {
         )
     }
 
+    pub fn length_required() -> Reject {
+        Reject::new(
+            411,
+            "length_required",
+            "this endpoint forwards the file with an exact length: send the body with a \
+             Content-Length header, not chunked",
+        )
+    }
+
+    pub fn length_mismatch() -> Reject {
+        Reject::new(
+            422,
+            "length_mismatch",
+            "this endpoint forwards the file with a length computed from Content-Length, so \
+             the body must end right after the file with `\\r\\n--boundary--\\r\\n`; this one \
+             does not (ask the operator for framing: chunked or spool mode on this route)",
+        )
+    }
+
+    pub fn spool_cap(max: u64) -> Reject {
+        Reject {
+            limit: Some("spool.max_total_bytes"),
+            ..Reject::new(
+                507,
+                "spool_full",
+                format!(
+                    "the files being spooled would exceed spool.max_total_bytes = {max}; try \
+                     again later"
+                ),
+            )
+        }
+    }
+
+    pub fn spool_full(e: &std::io::Error) -> Reject {
+        Reject::new(
+            507,
+            "spool_full",
+            format!("no space left to spool the file: {e}"),
+        )
+    }
+
+    pub fn spool_failed(e: impl std::fmt::Display) -> Reject {
+        Reject::new(
+            500,
+            "spool_failed",
+            format!("spooling the file failed: {e}"),
+        )
+    }
+
     pub fn bad_file_content_type() -> Reject {
         Reject::malformed("the file part's Content-Type has bytes outside visible ASCII")
     }

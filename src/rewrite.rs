@@ -141,6 +141,22 @@ impl FormHeaders {
         self.push(conf.file_name.clone(), encode_value(filename), max)?;
         self.push(conf.file_field.clone(), encode_value(field), max)
     }
+
+    /// What spool mode knows once the file is complete: its size and digests.
+    pub fn file_facts(
+        &mut self,
+        conf: &HeadersConf,
+        size: u64,
+        digests: &[(crate::digest::Algorithm, String)],
+        max: usize,
+    ) -> Result<(), HeadersTooLarge> {
+        self.push(conf.file_size.clone(), size.to_string(), max)?;
+        for (alg, hex) in digests {
+            let name = format!("{}{}", conf.file_digest_prefix, alg.header_suffix());
+            self.push(name, hex.clone(), max)?;
+        }
+        Ok(())
+    }
 }
 
 /// How the upstream body is framed.

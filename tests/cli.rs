@@ -50,13 +50,13 @@ fn check_mode_names_the_bad_key() {
         ),
         (
             "spool.yaml",
-            "mode: spool\n",
-            "mode: `spool` is not available",
+            "mode: spool\nspool: {dir: var/tmp}\n",
+            "spool.dir: `var/tmp` must be an absolute path",
         ),
         (
             "route.yaml",
-            "routes:\n  - prefix: /x\n    mode: spool\n",
-            "routes[0].mode",
+            "routes:\n  - prefix: /x\n    mode: spol\n",
+            "unknown variant `spol`",
         ),
         (
             "hdr.yaml",

@@ -183,7 +183,7 @@ fn configured_header_names_are_used_and_reserved() {
     let up = Upstream::start();
     let unpart = Unpart::start(
         &up.addr,
-        "headers:\n  reserved_prefixes: [X-Upload-]\n  field_prefix: X-Upload-Field-\n  file_name: X-Upload-Name\n  file_field: X-Upload-Part\n",
+        "headers:\n  reserved_prefixes: [X-Upload-]\n  field_prefix: X-Upload-Field-\n  file_name: X-Upload-Name\n  file_field: X-Upload-Part\n  file_size: X-Upload-Size\n  file_digest_prefix: X-Upload-\n",
     );
     let body = form(
         "cc",

@@ -1,0 +1,51 @@
+//! Answering a client ourselves: a rejection's status and one-line JSON body, and closing
+//! politely when the client's body was not read to its end.
+
+use std::time::Duration;
+
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use crate::reject::Reject;
+
+/// Answers with a rejection. When the client's body was not read to its end the connection
+/// cannot be reused; it is drained for a moment first, so the client reads the answer instead
+/// of a reset (the kernel resets a socket closed with unread data).
+pub async fn respond(session: &mut Session, r: &Reject, client_done: bool) {
+    let body = r.body();
+    let mut head = match ResponseHeader::build(r.status, Some(3)) {
+        Ok(h) => h,
+        Err(_) => return,
+    };
+    let _ = head.insert_header(http::header::CONTENT_TYPE, "application/json");
+    let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+    if !client_done {
+        session.set_keepalive(None);
+        let _ = head.insert_header(http::header::CONNECTION, "close");
+    }
+    if session
+        .write_response_header(Box::new(head), false)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if session.write_response_body(Some(body), true).await.is_err() {
+        return;
+    }
+    if !client_done {
+        linger(session).await;
+    }
+}
+
+async fn linger(session: &mut Session) {
+    const MAX_BYTES: usize = 64 << 20;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut drained = 0;
+    while drained < MAX_BYTES {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(b))) => drained += b.len(),
+            _ => break,
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! Spool files: where spool mode keeps a file part on disk until the body has ended.
+//!
+//! Each file is created private (0600, `O_EXCL`, a random name) and unlinked at once, so it
+//! lives only as an open descriptor: whatever happens to the request — success, any failure
+//! path, a dropped task, even a crash or SIGKILL — the kernel frees the space when the last
+//! descriptor closes, and nobody else can open it. Only a crash in the microseconds between
+//! create and unlink can leave a name behind; `SpoolDir::prepare` sweeps those at startup.
+//!
+//! Writes and reads go through the blocking pool in fixed blocks, double-buffered, so a
+//! request holds at most two blocks whatever the file's size, and digests are computed by the
+//! same thread that writes, off the proxy's workers.
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use crate::config::SpoolConf;
+use crate::digest::{Algorithm, Digests};
+
+/// Bytes per disk write or read.
+pub const BLOCK: usize = 256 * 1024;
+
+const PREFIX: &str = "unpart-";
+const SUFFIX: &str = ".spool";
+/// A named spool file older than this is a left-over whatever its pid says.
+const STALE: Duration = Duration::from_secs(60);
+
+/// The spool directory and the running total of bytes spooled in it.
+#[derive(Debug)]
+pub struct SpoolDir {
+    dir: PathBuf,
+    max_total: u64,
+    used: AtomicU64,
+    digests: Vec<Algorithm>,
+}
+
+#[derive(Debug)]
+pub enum SpoolError {
+    /// `spool.max_total_bytes` would be exceeded.
+    Cap(u64),
+    Io(io::Error),
+}
+
+impl From<io::Error> for SpoolError {
+    fn from(e: io::Error) -> Self {
+        SpoolError::Io(e)
+    }
+}
+
+impl SpoolDir {
+    /// Creates the directory (0700) if it is missing, proves it writable, and removes
+    /// left-overs of earlier processes. Called once at startup, before any request.
+    pub fn prepare(conf: &SpoolConf) -> io::Result<SpoolDir> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&conf.dir)?;
+        let d = SpoolDir {
+            dir: conf.dir.clone(),
+            max_total: conf.max_total_bytes.0,
+            used: AtomicU64::new(0),
+            digests: conf.digests.clone(),
+        };
+        let removed = sweep(&d.dir)?;
+        if removed > 0 {
+            log::warn!(
+                "removed {removed} left-over spool file(s) from {}",
+                d.dir.display()
+            );
+        }
+        drop(d.create_file()?);
+        Ok(d)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes spooled right now, all requests together.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn create_file(&self) -> io::Result<File> {
+        let mut rnd = [0u8; 12];
+        getrandom::getrandom(&mut rnd).map_err(io::Error::other)?;
+        let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self
+            .dir
+            .join(format!("{PREFIX}{}-{name}{SUFFIX}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        // A spool file that could not be unlinked would outlive its request: refuse it.
+        std::fs::remove_file(&path)?;
+        Ok(file)
+    }
+
+    /// A new, empty spool file for one request.
+    pub async fn writer(self: &Arc<Self>) -> Result<SpoolWriter, SpoolError> {
+        let me = Arc::clone(self);
+        let file = tokio::task::spawn_blocking(move || me.create_file())
+            .await
+            .map_err(io::Error::other)??;
+        Ok(SpoolWriter {
+            file: Arc::new(file),
+            reservation: Reservation {
+                dir: Arc::clone(self),
+                bytes: 0,
+            },
+            block: Vec::with_capacity(BLOCK),
+            pending: None,
+            digests: Some(Digests::new(&self.digests)),
+            flushed: 0,
+        })
+    }
+}
+
+/// Removes `unpart-<pid>-<random>.spool` names whose process is gone or that are stale.
+/// A live process's names (a graceful upgrade runs two) are only ever microseconds old.
+fn sweep(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.strip_suffix(SUFFIX))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_none_or(|age| age > STALE);
+        if (stale || !process_alive(pid)) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // Signal 0 checks existence; EPERM means it exists under another user.
+    // SAFETY: kill with signal 0 sends nothing.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Bytes counted against `spool.max_total_bytes` until the spool file is dropped.
+#[derive(Debug)]
+struct Reservation {
+    dir: Arc<SpoolDir>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn grow(&mut self, n: u64) -> Result<(), SpoolError> {
+        let max = self.dir.max_total;
+        let before = self.dir.used.fetch_add(n, Ordering::Relaxed);
+        if max > 0 && before + n > max {
+            self.dir.used.fetch_sub(n, Ordering::Relaxed);
+            return Err(SpoolError::Cap(max));
+        }
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.dir.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+type BlockResult = io::Result<(Vec<u8>, Digests)>;
+
+/// Appends a file part's bytes to its spool file.
+pub struct SpoolWriter {
+    file: Arc<File>,
+    reservation: Reservation,
+    /// The block being filled.
+    block: Vec<u8>,
+    /// The block being hashed and written, which hands back its buffer and the digests.
+    pending: Option<JoinHandle<BlockResult>>,
+    /// Here while no block is pending.
+    digests: Option<Digests>,
+    flushed: u64,
+}
+
+impl SpoolWriter {
+    pub async fn append(&mut self, mut data: &[u8]) -> Result<(), SpoolError> {
+        self.reservation.grow(data.len() as u64)?;
+        while !data.is_empty() {
+            let take = (BLOCK - self.block.len()).min(data.len());
+            self.block.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.block.len() == BLOCK {
+                self.flush_block().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the block in flight, then hands the full one to the blocking pool.
+    async fn flush_block(&mut self) -> Result<(), SpoolError> {
+        let (spare, mut digests) = match self.wait_pending().await? {
+            Some(r) => r,
+            None => (
+                Vec::with_capacity(BLOCK),
+                self.digests.take().ok_or_else(lost_digests)?,
+            ),
+        };
+        let mut full = std::mem::replace(&mut self.block, spare);
+        let file = Arc::clone(&self.file);
+        let offset = self.flushed;
+        self.flushed += full.len() as u64;
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            digests.update(&full);
+            file.write_all_at(&full, offset)?;
+            full.clear();
+            Ok((full, digests))
+        }));
+        Ok(())
+    }
+
+    async fn wait_pending(&mut self) -> Result<Option<(Vec<u8>, Digests)>, SpoolError> {
+        match self.pending.take() {
+            Some(h) => Ok(Some(h.await.map_err(io::Error::other)??)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes what is left and returns the complete file with its size and digests.
+    pub async fn finish(mut self) -> Result<SpoolFile, SpoolError> {
+        if !self.block.is_empty() {
+            self.flush_block().await?;
+        }
+        let digests = match self.wait_pending().await? {
+            Some((_, d)) => d,
+            None => self.digests.take().ok_or_else(lost_digests)?,
+        };
+        Ok(SpoolFile {
+            file: self.file,
+            len: self.flushed,
+            digests: digests.finish(),
+            _reservation: self.reservation,
+        })
+    }
+}
+
+fn lost_digests() -> io::Error {
+    io::Error::other("spool digests lost")
+}
+
+/// A complete spool file.
+pub struct SpoolFile {
+    file: Arc<File>,
+    pub len: u64,
+    pub digests: Vec<(Algorithm, String)>,
+    _reservation: Reservation,
+}
+
+impl SpoolFile {
+    /// Reads the file back in blocks, the next one read ahead while the caller sends this one.
+    pub fn blocks(&self) -> Blocks {
+        Blocks {
+            file: Arc::clone(&self.file),
+            len: self.len,
+            offset: 0,
+            pending: None,
+        }
+    }
+}
+
+pub struct Blocks {
+    file: Arc<File>,
+    len: u64,
+    offset: u64,
+    pending: Option<JoinHandle<io::Result<Bytes>>>,
+}
+
+impl Blocks {
+    fn read_ahead(&mut self) {
+        if self.pending.is_some() || self.offset >= self.len {
+            return;
+        }
+        let n = (self.len - self.offset).min(BLOCK as u64) as usize;
+        let (file, offset) = (Arc::clone(&self.file), self.offset);
+        self.offset += n as u64;
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        }));
+    }
+
+    pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        self.read_ahead();
+        let Some(h) = self.pending.take() else {
+            return Ok(None);
+        };
+        let block = h.await.map_err(io::Error::other)??;
+        self.read_ahead();
+        Ok(Some(block))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ByteSize;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("unpart-spool-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn conf(dir: &Path, max: u64) -> SpoolConf {
+        SpoolConf {
+            dir: dir.to_path_buf(),
+            max_total_bytes: ByteSize(max),
+            digests: vec![Algorithm::Sha256, Algorithm::Crc32c],
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_leaves_no_name_and_frees_the_reservation() {
+        let d = temp_dir("rt");
+        let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
+        let data: Vec<u8> = (0..BLOCK * 2 + 12345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let mut w = spool.writer().await.unwrap();
+        for piece in data.chunks(65_000) {
+            w.append(piece).await.unwrap();
+        }
+        assert_eq!(
+            std::fs::read_dir(&d).unwrap().count(),
+            0,
+            "unlinked at once"
+        );
+        let f = w.finish().await.unwrap();
+        assert_eq!(f.len, data.len() as u64);
+        assert_eq!(spool.used(), data.len() as u64);
+        let mut expect = Digests::new(&[Algorithm::Sha256, Algorithm::Crc32c]);
+        expect.update(&data);
+        assert_eq!(f.digests, expect.finish());
+        let mut back = Vec::new();
+        let mut blocks = f.blocks();
+        while let Some(b) = blocks.next().await.unwrap() {
+            assert!(b.len() <= BLOCK);
+            back.extend_from_slice(&b);
+        }
+        assert!(back == data);
+        drop(blocks);
+        drop(f);
+        assert_eq!(spool.used(), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_cap_counts_every_open_file() {
+        let d = temp_dir("cap");
+        let spool = Arc::new(SpoolDir::prepare(&conf(&d, 1000)).unwrap());
+        let mut a = spool.writer().await.unwrap();
+        let mut b = spool.writer().await.unwrap();
+        a.append(&[1; 600]).await.unwrap();
+        assert!(matches!(
+            b.append(&[2; 500]).await,
+            Err(SpoolError::Cap(1000))
+        ));
+        b.append(&[2; 400]).await.unwrap();
+        drop(a);
+        b.append(&[2; 500]).await.unwrap();
+        let f = b.finish().await.unwrap();
+        assert_eq!(f.len, 900);
+        drop(f);
+        assert_eq!(spool.used(), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn prepare_creates_a_private_dir_and_sweeps_only_dead_left_overs() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = temp_dir("sweep");
+        std::fs::create_dir_all(&d).unwrap();
+        // A dead process's left-over (pid far above pid_max), a live one's, and a stranger.
+        let dead = d.join("unpart-2147483646-00ff.spool");
+        let live = d.join(format!("unpart-{}-00ff.spool", std::process::id()));
+        let other = d.join("notes.txt");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        let s = SpoolDir::prepare(&conf(&d, 0)).unwrap();
+        assert!(!dead.exists() && live.exists() && other.exists());
+        std::fs::remove_dir_all(s.dir()).unwrap();
+
+        let fresh = temp_dir("fresh").join("a/b");
+        SpoolDir::prepare(&conf(&fresh, 0)).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::remove_dir_all(fresh.parent().unwrap().parent().unwrap()).unwrap();
+    }
+}
