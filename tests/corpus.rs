@@ -2,6 +2,8 @@
 //! upstream, must arrive as Go's `mime/multipart` saw it (tests/corpus/go_view.json): fields
 //! before the file as headers, the file as the body; forms with a field after the file or a
 //! second file must fail with 422 and never reach the backend as a complete request.
+//! The same corpus runs with `framing: length` (exact Content-Length computed from the
+//! client's) and in spool mode, where every form with one file succeeds, `file_first` too.
 
 mod support;
 
@@ -40,7 +42,26 @@ enum Want {
     Refused(&'static str),
 }
 
-fn want(go: &Value) -> Want {
+/// How the unpart under test is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Stream,
+    /// Stream mode with `framing: length` and the chunked fallback.
+    Length,
+    Spool,
+}
+
+impl Setup {
+    fn yaml(self) -> &'static str {
+        match self {
+            Setup::Stream => "",
+            Setup::Length => "framing: length\nlength_fallback: chunked\n",
+            Setup::Spool => "mode: spool\nspool: {dir: \"{dir}/spool\"}\n",
+        }
+    }
+}
+
+fn want(go: &Value, setup: Setup) -> Want {
     let parts = go["parts"].as_array().expect("parts");
     let first_file = parts.iter().position(|p| p["kind"] == "file");
     let fields = |ps: &[Value]| -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -55,7 +76,11 @@ fn want(go: &Value) -> Want {
             .collect()
     };
     let i = first_file.expect("every corpus form has a file");
-    if let Some(after) = parts.get(i + 1) {
+    if setup == Setup::Spool {
+        if parts.iter().filter(|p| p["kind"] == "file").count() > 1 {
+            return Want::Refused("extra_file");
+        }
+    } else if let Some(after) = parts.get(i + 1) {
         return Want::Refused(if after["kind"] == "file" {
             "extra_file"
         } else {
@@ -65,7 +90,11 @@ fn want(go: &Value) -> Want {
     let f = &parts[i];
     let ct = f["content_type"].as_str().unwrap_or("");
     Want::Forwarded {
-        fields: fields(&parts[..i]),
+        fields: fields(if setup == Setup::Spool {
+            parts
+        } else {
+            &parts[..i]
+        }),
         file_field: unhex(f["name_hex"].as_str().unwrap()),
         filename: unhex(f["filename_hex"].as_str().unwrap()),
         content_type: if ct.is_empty() {
@@ -116,13 +145,24 @@ fn request(dir: &Path, chunk: Option<usize>) -> Vec<u8> {
     req
 }
 
-fn check_case(name: &str, go: &Value, up: &Upstream, unpart: &Unpart, chunk: Option<usize>) {
+fn check_case(
+    name: &str,
+    go: &Value,
+    up: &Upstream,
+    unpart: &Unpart,
+    chunk: Option<usize>,
+    setup: Setup,
+) {
     let dir = corpus().join("cases").join(name);
     let before = up.take().len();
     assert_eq!(before, 0);
-    let resp = raw_request(&unpart.addr, &request(&dir, chunk)).expect("response");
-    let how = format!("{name} (chunk {chunk:?})");
-    match want(go) {
+    let req = request(&dir, chunk);
+    let resp = raw_request(&unpart.addr, &req).expect("response");
+    let how = format!("{name} (chunk {chunk:?}, {setup:?})");
+    let client_chunked = String::from_utf8_lossy(&req[..req.len().min(4096)])
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    match want(go, setup) {
         Want::Forwarded {
             fields,
             file_field,
@@ -140,7 +180,16 @@ fn check_case(name: &str, go: &Value, up: &Upstream, unpart: &Unpart, chunk: Opt
             let got = up.wait_for(1);
             let r = &got[0];
             assert!(r.complete, "{how}: body not complete");
-            assert_eq!(r.framing, Framing::Chunked, "{how}");
+            let framing = match setup {
+                Setup::Stream => Framing::Chunked,
+                Setup::Length if client_chunked => Framing::Chunked,
+                Setup::Length | Setup::Spool => Framing::Length(size),
+            };
+            assert_eq!(r.framing, framing, "{how}");
+            if setup == Setup::Spool {
+                assert_eq!(r.header("x-file-size"), Some(size.to_string().as_str()));
+                assert_eq!(r.header("x-file-sha256"), Some(sha256.as_str()), "{how}");
+            }
             assert_eq!(r.body_sha256, sha256, "{how}: file bytes differ");
             assert_eq!(r.body_len, size, "{how}");
             assert_eq!(r.form_fields(), fields, "{how}: fields");
@@ -159,7 +208,6 @@ fn check_case(name: &str, go: &Value, up: &Upstream, unpart: &Unpart, chunk: Opt
                 file_field,
                 "{how}"
             );
-            assert!(r.header("content-length").is_none(), "{how}");
             assert!(r.header("expect").is_none(), "{how}");
             assert!(r.target.starts_with("/capture/"), "{how}: {}", r.target);
             // No header carries a byte a backend could misread.
@@ -190,10 +238,24 @@ fn check_case(name: &str, go: &Value, up: &Upstream, unpart: &Unpart, chunk: Opt
 
 #[test]
 fn corpus_replays_match_go() {
+    replay_all(Setup::Stream);
+}
+
+#[test]
+fn corpus_replays_with_exact_lengths() {
+    replay_all(Setup::Length);
+}
+
+#[test]
+fn corpus_replays_in_spool_mode() {
+    replay_all(Setup::Spool);
+}
+
+fn replay_all(setup: Setup) {
     let expected = load("expected.json");
     let go_view = load("go_view.json");
     let up = Upstream::start();
-    let unpart = Unpart::start(&up.addr, "");
+    let unpart = Unpart::start(&up.addr, setup.yaml());
     let mut checked = 0;
     for (name, case) in expected["cases"].as_object().unwrap() {
         if case["body_file"].is_null() && case["wire_body_file"].is_null() {
@@ -202,7 +264,7 @@ fn corpus_replays_match_go() {
         let go = &go_view["cases"][name];
         assert_eq!(go["readform_ok"], true, "{name}");
         for chunk in [None, Some(1), Some(7), Some(4096)] {
-            check_case(name, go, &up, &unpart, chunk);
+            check_case(name, go, &up, &unpart, chunk, setup);
         }
         checked += 1;
     }

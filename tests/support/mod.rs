@@ -110,6 +110,9 @@ pub enum Behaviour {
     Stall(Duration),
     /// Read this many body bytes, then neither read nor answer for a while (a hung backend).
     StopReading(u64, Duration),
+    /// Like many WSGI and older Java servers: a chunked body gets 411 without being read;
+    /// a Content-Length body is served as in `Normal`.
+    RejectChunked,
 }
 
 struct Shared {
@@ -226,10 +229,14 @@ fn serve_conn(conn: TcpStream, shared: Arc<Shared>) {
             body: Vec::new(),
             complete: false,
         };
-        if behaviour == Behaviour::Early413 {
-            let _ = w.write_all(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
-            );
+        let refuse_chunked = behaviour == Behaviour::RejectChunked && framing == Framing::Chunked;
+        if behaviour == Behaviour::Early413 || refuse_chunked {
+            let answer: &[u8] = if refuse_chunked {
+                b"HTTP/1.1 411 Length Required\r\nContent-Length: 15\r\nConnection: close\r\n\r\nLength Required"
+            } else {
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+            };
+            let _ = w.write_all(answer);
             rec.body_sha256 = sha256_hex(b"");
             record(&shared, rec);
             // Like real servers: stop sending, drain what the client still sends, then close
@@ -408,17 +415,24 @@ pub struct Unpart {
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Unpart {
-    /// Starts unpart in front of `upstream` with `yaml` appended to the generated config.
+    /// Starts unpart in front of `upstream` with `yaml` appended to the generated config;
+    /// `{dir}` in `yaml` stands for unpart's own temp dir (removed on drop).
     pub fn start(upstream: &str, yaml: &str) -> Unpart {
+        Unpart::start_wrapped(upstream, yaml, None)
+    }
+
+    /// Like `start`, with a shell command run first in the process that then execs unpart
+    /// (for example `ulimit -f 64`), so `child` is still unpart itself.
+    pub fn start_wrapped(upstream: &str, yaml: &str, shell_prefix: Option<&str>) -> Unpart {
         for _ in 0..5 {
-            if let Some(u) = Unpart::try_start(upstream, yaml) {
+            if let Some(u) = Unpart::try_start(upstream, yaml, shell_prefix) {
                 return u;
             }
         }
         panic!("unpart did not start");
     }
 
-    fn try_start(upstream: &str, yaml: &str) -> Option<Unpart> {
+    fn try_start(upstream: &str, yaml: &str, shell_prefix: Option<&str>) -> Option<Unpart> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("unpart-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -430,12 +444,23 @@ impl Unpart {
             &conf,
             format!(
                 "listen: {addr}\nadmin: {admin}\nupstream: {upstream}\nthreads: 2\npid_file: {d}/unpart.pid\nupgrade_sock: {d}/upgrade.sock\n{yaml}",
-                d = dir.display()
+                d = dir.display(),
+                yaml = yaml.replace("{dir}", &dir.display().to_string()),
             ),
         )
         .expect("write conf");
         let log = dir.join("unpart.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_unpart"))
+        let mut cmd = match shell_prefix {
+            None => Command::new(env!("CARGO_BIN_EXE_unpart")),
+            Some(prefix) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{prefix} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_unpart"));
+                c
+            }
+        };
+        let child = cmd
             .arg("-c")
             .arg(&conf)
             .env("RUST_LOG", "info")
