@@ -11,8 +11,13 @@
 #   a. one SIZE_MB upload (default 1024 MiB),
 #   b. CONC concurrent CONC_MB uploads (default 16 x 256 MiB),
 #   c. unpart's peak RSS (VmHWM) and current RSS (VmRSS) afterwards,
+#   d. spool mode (issue #3): one SIZE_MB upload to a spool route, its MB/s, unpart's CPU,
+#      peak RSS during the phase (VmHWM reset through /proc/PID/clear_refs) and the bytes
+#      unpart wrote to disk (/proc/PID/io write_bytes), against nginx-upload-module's
+#      200-220 MB/s on this machine kind (DESIGN.md section 6; not measured by this script),
 # and prints each measurement next to its target: unpart >= 0.9x direct throughput, peak RSS
-# <= 32 MiB with 16 concurrent uploads. The payload is generated in memory (no disk space).
+# <= 32 MiB with 16 concurrent uploads. The payload is generated in memory; only spool mode
+# writes to disk, in the script's temp directory.
 # MB/s is whole multipart body bytes (10^6) over the wall time from connect to the end of the
 # response; the upstream's byte count is checked against every upload.
 #
@@ -33,6 +38,8 @@ LIFETIME=${LIFETIME:-3600}
 BUILD=${BUILD:-1}
 TARGET_RATIO=0.9
 TARGET_RSS_MIB=32
+# nginx-upload-module (parse, hash, store) on this machine kind: the top of DESIGN.md's range.
+NGINX_UPLOAD_MB_S=220
 for v in SIZE_MB CONC CONC_MB REPS REQ_TIMEOUT LIFETIME; do
     if ! [[ ${!v} =~ ^[1-9][0-9]*$ ]]; then
         echo "upload.sh: $v must be a positive integer, not '${!v}'" >&2
@@ -146,11 +153,12 @@ cpu_s() {
 
 field() { tr ' ' '\n' <"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
 
-# run_client NAME ADDR SIZE_MB CONC EXPECT: runs one client, output in $TMP/NAME.out.
+# run_client NAME ADDR SIZE_MB CONC EXPECT [ARGS...]: runs one client, output in $TMP/NAME.out.
 run_client() {
     local name=$1 addr=$2 size=$3 conc=$4 expect=$5
+    shift 5
     timeout -s TERM "$REQ_TIMEOUT" "$REL/examples/upload_client" --addr "$addr" \
-        --size-mb "$size" --conc "$conc" --expect "$expect" --timeout 60 \
+        --size-mb "$size" --conc "$conc" --expect "$expect" --timeout 60 "$@" \
         >"$TMP/$name.out" 2>"$TMP/$name.log" &
     CLIENT_PID=$!
     if ! wait "$CLIENT_PID"; then
@@ -204,6 +212,13 @@ pid_file: $TMP/unpart.pid
 upgrade_sock: $TMP/upgrade.sock
 grace_period_seconds: 0
 graceful_shutdown_timeout_seconds: 1
+routes:
+  - prefix: /spool/
+    mode: spool
+spool:
+  dir: $TMP/spool
+  max_total_bytes: 0
+  digests: [sha256]
 EOF
     RUST_LOG=info timeout -k 10 -s TERM "$LIFETIME" "$REL/unpart" -c "$TMP/unpart.yaml" \
         >/dev/null 2>"$TMP/unpart.log" &
@@ -296,10 +311,36 @@ rss=$(mib "$(kib_of "$UNPART_PID" VmRSS)")
 echo "peak RSS (VmHWM): $hwm MiB   target <= $TARGET_RSS_MIB MiB with $CONC concurrent uploads: $(verdict "$hwm" "<=" "$TARGET_RSS_MIB")"
 echo "VmRSS now:        $rss MiB"
 
-# d. Summary.
+# d. Spool mode.
+echo
+echo "== d. spool mode: 1 upload of $SIZE_MB MiB to a spool route (sha256), $REPS runs"
+echo 5 >"/proc/$UNPART_PID/clear_refs" 2>/dev/null || echo "(cannot reset VmHWM: peak covers all phases)"
+sp=() spcpu=() spdisk=()
+for i in $(seq 1 "$REPS"); do
+    c0=$(cpu_s "$UNPART_PID")
+    w0=$(awk '$1 == "write_bytes:" { print $2 }' "/proc/$UNPART_PID/io")
+    run_client "spool_$i" "$LISTEN" "$SIZE_MB" 1 file --path /spool/upload
+    w1=$(awk '$1 == "write_bytes:" { print $2 }' "/proc/$UNPART_PID/io")
+    c1=$(cpu_s "$UNPART_PID")
+    sp+=("$(field "$TMP/spool_$i.out" mb_s)")
+    spcpu+=("$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')")
+    spdisk+=("$(awk -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", (b - a) / 1048576 }')")
+done
+spm=$(median "${sp[@]}")
+sphwm=$(mib "$(kib_of "$UNPART_PID" VmHWM)")
+spr=$(ratio "$spm" "$NGINX_UPLOAD_MB_S")
+printf 'spool:   %8.1f MB/s median   runs: %s\n' "$spm" "${sp[*]}"
+echo "unpart CPU (user+sys) per run: ${spcpu[*]} s"
+echo "written to disk per run: ${spdisk[*]} MiB (file: $SIZE_MB MiB)"
+echo "peak RSS during spool runs (VmHWM): $sphwm MiB"
+echo "vs nginx-upload-module's $NGINX_UPLOAD_MB_S MB/s: ${spr} x"
+ls -A "$TMP/spool" | grep -q . && die "spool directory not empty after the runs"
+
+# e. Summary.
 echo
 echo "== summary                       measured     target"
 printf '%-30s %8s x   >= %s x   %s\n' "1 x $SIZE_MB MiB unpart/direct" "$sr" "$TARGET_RATIO" "$(verdict "$sr" ">=" "$TARGET_RATIO")"
 printf '%-30s %8s x   >= %s x   %s\n' "$CONC x $CONC_MB MiB unpart/direct" "$cr" "$TARGET_RATIO" "$(verdict "$cr" ">=" "$TARGET_RATIO")"
 printf '%-30s %6s MiB   <= %s MiB   %s\n' "unpart peak RSS" "$hwm" "$TARGET_RSS_MIB" "$(verdict "$hwm" "<=" "$TARGET_RSS_MIB")"
+printf '%-30s %6s MB/s  %s x nginx-upload-module (%s MB/s, reference)\n' "spool 1 x $SIZE_MB MiB" "$spm" "$spr" "$NGINX_UPLOAD_MB_S"
 kill -0 "$UNPART_PID" 2>/dev/null || die "unpart exited during the run"
