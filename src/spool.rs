@@ -11,7 +11,7 @@
 //! same thread that writes, off the proxy's workers.
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -281,10 +281,10 @@ pub struct SpoolFile {
 
 impl SpoolFile {
     /// Reads the file back in blocks, the next one read ahead while the caller sends this one.
-    pub fn blocks(&self) -> Blocks {
+    /// The file (and its share of the cap) goes when the `Blocks` does.
+    pub fn into_blocks(self) -> Blocks {
         Blocks {
-            file: Arc::clone(&self.file),
-            len: self.len,
+            spool: self,
             offset: 0,
             pending: None,
         }
@@ -292,23 +292,35 @@ impl SpoolFile {
 }
 
 pub struct Blocks {
-    file: Arc<File>,
-    len: u64,
+    spool: SpoolFile,
     offset: u64,
     pending: Option<JoinHandle<io::Result<Bytes>>>,
 }
 
 impl Blocks {
     fn read_ahead(&mut self) {
-        if self.pending.is_some() || self.offset >= self.len {
+        let len = self.spool.len;
+        if self.pending.is_some() || self.offset >= len {
             return;
         }
-        let n = (self.len - self.offset).min(BLOCK as u64) as usize;
-        let (file, offset) = (Arc::clone(&self.file), self.offset);
+        let n = (len - self.offset).min(BLOCK as u64) as usize;
+        let (file, offset) = (Arc::clone(&self.spool.file), self.offset);
         self.offset += n as u64;
+        debug_assert_eq!(offset % BLOCK as u64, 0);
         self.pending = Some(tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            file.read_exact_at(&mut buf, offset)?;
+            // Reads at the file's cursor (blocks are read one at a time, in order) into spare
+            // capacity: `read_to_end` does not zero the buffer first, `read_exact_at` would.
+            let mut buf = Vec::with_capacity(n);
+            (&*file).take(n as u64).read_to_end(&mut buf)?;
+            if buf.len() != n {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "spool file ended at {} of {offset}+{n}",
+                        offset + buf.len() as u64
+                    ),
+                ));
+            }
             Ok(Bytes::from(buf))
         }));
     }
@@ -366,14 +378,14 @@ mod tests {
         expect.update(&data);
         assert_eq!(f.digests, expect.finish());
         let mut back = Vec::new();
-        let mut blocks = f.blocks();
+        let mut blocks = f.into_blocks();
         while let Some(b) = blocks.next().await.unwrap() {
             assert!(b.len() <= BLOCK);
             back.extend_from_slice(&b);
         }
         assert!(back == data);
+        assert_eq!(spool.used(), data.len() as u64);
         drop(blocks);
-        drop(f);
         assert_eq!(spool.used(), 0);
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -404,7 +404,7 @@ impl<'a> Upload<'a> {
             .file_facts(&settings.headers, file.len, &file.digests, max)
             .map_err(|_| self.headers_too_large())?;
         let mut up = self.connect(session, Framing::Length(file.len)).await?;
-        let mut blocks = file.blocks();
+        let mut blocks = file.into_blocks();
         loop {
             let block = blocks
                 .next()
@@ -416,9 +416,8 @@ impl<'a> Upload<'a> {
                 .write(session, up, block, &mut self.stats)
                 .await?;
         }
-        drop(blocks);
         // The file's space is freed now, while the backend works on its answer.
-        drop(file);
+        drop(blocks);
         self.backend.finish(session, up, &mut self.stats).await
     }
 }

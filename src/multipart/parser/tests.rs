@@ -278,3 +278,30 @@ fn errors_are_sticky() {
     p.push(Bytes::from_static(b"\r\nmore"));
     assert_eq!(p.next_event(), Ok(None));
 }
+
+/// `framing: length` computes the file's length from `position()` at the file's `Part` event:
+/// it must be the offset of the part's first data byte, however the body was split.
+#[test]
+fn position_at_a_part_event_is_where_its_data_starts() {
+    let body = b"pre\r\n--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--b\r\n\
+Content-Disposition: form-data; name=\"f\"; filename=\"x\"\r\nX-Long: 0123456789\r\n\r\nDATA\r\n--b--\r\n";
+    let starts: Vec<u64> = body
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| w == b"\r\n\r\n")
+        .map(|(i, _)| i as u64 + 4)
+        .collect();
+    for split in 1..body.len() {
+        let mut p = Parser::new(b"b", ParserLimits::default());
+        let mut seen = Vec::new();
+        for piece in body.chunks(split) {
+            p.push(Bytes::copy_from_slice(piece));
+            while let Some(ev) = p.next_event().unwrap() {
+                if let Event::Part(_) = ev {
+                    seen.push(p.position());
+                }
+            }
+        }
+        assert_eq!(seen, starts, "split {split}");
+    }
+}
