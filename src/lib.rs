@@ -6,6 +6,7 @@ pub mod answer;
 pub mod cli;
 pub mod config;
 pub mod digest;
+pub mod drain;
 pub mod forward;
 pub mod multipart;
 pub mod proxy;

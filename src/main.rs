@@ -8,7 +8,7 @@ use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use unpart::{admin, cli, config, proxy, spool};
+use unpart::{admin, cli, config, drain, proxy, spool};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
@@ -81,6 +81,10 @@ fn main() -> ExitCode {
     admin.add_tcp(&settings.admin);
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(pingora::services::background::background_service(
+        "drain",
+        drain::Drain,
+    ));
     log::info!(
         "unpart {} listening on {}, upstream {}, admin {}",
         env!("CARGO_PKG_VERSION"),

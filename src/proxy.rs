@@ -12,6 +12,7 @@ use pingora::{Error, ErrorType, Result};
 
 use crate::answer;
 use crate::config::{Mode, Settings};
+use crate::drain::InFlight;
 use crate::forward::{Failure, Stats};
 use crate::multipart;
 use crate::rewrite;
@@ -40,6 +41,8 @@ impl Unpart {
 /// Per-request state: what the access log says.
 pub struct Ctx {
     start: Instant,
+    /// Counts this request until its context is dropped, for the shutdown drain.
+    _in_flight: InFlight,
     /// Set when unpart answered the request itself (an upload or a rejection).
     handled: Option<Stats>,
 }
@@ -51,6 +54,7 @@ impl ProxyHttp for Unpart {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
+            _in_flight: InFlight::start(),
             handled: None,
         }
     }
