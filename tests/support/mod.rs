@@ -129,11 +129,56 @@ pub struct Upstream {
     stop: Arc<AtomicBool>,
 }
 
+/// What the recording upstream needs of a connection, TCP or Unix.
+trait Conn: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> std::io::Result<Self>;
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()>;
+    fn set_nonblocking_false(&self) -> std::io::Result<()>;
+}
+
+macro_rules! conn {
+    ($t:ty) => {
+        impl Conn for $t {
+            fn try_clone(&self) -> std::io::Result<Self> {
+                <$t>::try_clone(self)
+            }
+            fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+                <$t>::set_read_timeout(self, t)
+            }
+            fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+                <$t>::shutdown(self, how)
+            }
+            fn set_nonblocking_false(&self) -> std::io::Result<()> {
+                <$t>::set_nonblocking(self, false)
+            }
+        }
+    };
+}
+conn!(TcpStream);
+conn!(std::os::unix::net::UnixStream);
+
 impl Upstream {
     pub fn start() -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
         let addr = listener.local_addr().expect("addr").to_string();
         listener.set_nonblocking(true).expect("nonblocking");
+        Upstream::serve(addr, move || listener.accept().map(|(c, _)| c))
+    }
+
+    /// The same upstream on a Unix socket at `path`; `addr` is `unix:<path>`.
+    pub fn start_unix(path: &std::path::Path) -> Upstream {
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path).expect("bind unix upstream");
+        let addr = format!("unix:{}", path.display());
+        listener.set_nonblocking(true).expect("nonblocking");
+        Upstream::serve(addr, move || listener.accept().map(|(c, _)| c))
+    }
+
+    fn serve<C: Conn>(
+        addr: String,
+        mut accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
+    ) -> Upstream {
         let shared = Arc::new(Shared {
             received: Mutex::new(Vec::new()),
             cond: Condvar::new(),
@@ -144,8 +189,10 @@ impl Upstream {
         let (s, st) = (shared.clone(), stop.clone());
         thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
+                match accept() {
+                    Ok(conn) => {
+                        // Accepted sockets inherit non-blocking mode on some systems.
+                        let _ = conn.set_nonblocking_false();
                         s.connections.fetch_add(1, Ordering::Relaxed);
                         let s = s.clone();
                         thread::spawn(move || serve_conn(conn, s));
@@ -198,7 +245,7 @@ impl Drop for Upstream {
     }
 }
 
-fn serve_conn(conn: TcpStream, shared: Arc<Shared>) {
+fn serve_conn<C: Conn>(conn: C, shared: Arc<Shared>) {
     let _ = conn.set_read_timeout(Some(TIMEOUT));
     let mut w = match conn.try_clone() {
         Ok(w) => w,
