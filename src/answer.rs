@@ -33,7 +33,8 @@ pub async fn respond(session: &mut Session, r: &Reject, client_done: bool) {
     if session.write_response_body(Some(body), true).await.is_err() {
         return;
     }
-    if !client_done {
+    // HTTP/2 ends the stream without touching the connection: nothing to drain.
+    if !client_done && !session.as_downstream().is_http2() {
         linger(session).await;
     }
 }

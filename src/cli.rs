@@ -2,10 +2,19 @@
 
 use clap::Parser;
 
+/// `--version`: the version and the cargo features it was built with.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nfeatures: ",
+    env!("UNPART_FEATURES"),
+    "\npingora 0.9.1"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "unpart",
     version,
+    long_version = LONG_VERSION,
     about = "Reverse proxy that turns multipart/form-data uploads into raw streamed bodies",
     long_about = "Reverse proxy that turns multipart/form-data uploads into raw streamed bodies.\n\n\
 Fields sent before the file become X-Form-<name> headers, the file's bytes stream to the \

@@ -212,6 +212,23 @@ impl Default for TimeoutsConf {
     }
 }
 
+/// TLS on the proxy listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConf {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Offer HTTP/2 by ALPN (HTTP/1.1 is always offered).
+    #[serde(default = "yes")]
+    pub h2: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// Where and how much spool mode writes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -241,6 +258,10 @@ pub struct Config {
     pub listen: String,
     pub admin: String,
     pub upstream: String,
+    /// TLS on `listen`; absent means plain TCP.
+    pub tls: Option<TlsConf>,
+    /// HTTP/2 without TLS (prior knowledge) on a plain `listen`.
+    pub h2c: bool,
     pub mode: Mode,
     pub framing: FramingMode,
     pub length_fallback: LengthFallback,
@@ -269,6 +290,8 @@ impl Default for Config {
             listen: "0.0.0.0:8080".into(),
             admin: "127.0.0.1:6060".into(),
             upstream: "127.0.0.1:8081".into(),
+            tls: None,
+            h2c: false,
             mode: Mode::Stream,
             framing: FramingMode::Chunked,
             length_fallback: LengthFallback::Spool,
@@ -342,6 +365,8 @@ pub struct Settings {
     pub listen: String,
     pub admin: String,
     pub upstream: UpstreamAddr,
+    pub tls: Option<TlsConf>,
+    pub h2c: bool,
     /// In order; the first match wins. The last one is the default route (prefix `/`).
     pub routes: Vec<Route>,
     pub headers: HeadersConf,
@@ -401,6 +426,7 @@ impl Config {
             return err("admin: must not be the proxy's listen address");
         }
         let upstream = parse_upstream(&self.upstream)?;
+        check_tls(self.tls.as_ref())?;
         let headers = check_headers(&self.headers)?;
         if self.threads == 0 {
             return err("threads: must be at least 1");
@@ -444,6 +470,8 @@ impl Config {
             listen: self.listen.clone(),
             admin: self.admin.clone(),
             upstream,
+            tls: self.tls.clone(),
+            h2c: self.h2c,
             routes,
             headers,
             timeouts: self.timeouts.clone(),
@@ -469,6 +497,19 @@ impl Config {
             ..ServerConf::default()
         }
     }
+}
+
+fn check_tls(tls: Option<&TlsConf>) -> Result<(), ConfigError> {
+    let Some(t) = tls else { return Ok(()) };
+    if !cfg!(feature = "tls") {
+        return err("tls: this unpart was built without the `tls` feature");
+    }
+    for (key, path) in [("cert", &t.cert), ("key", &t.key)] {
+        if let Err(e) = std::fs::File::open(path) {
+            return err(format!("tls.{key}: cannot read {}: {e}", path.display()));
+        }
+    }
+    Ok(())
 }
 
 fn check_spool(s: &SpoolConf) -> Result<SpoolConf, ConfigError> {
@@ -620,6 +661,8 @@ mod tests {
         assert_eq!(c.timeouts.client_body_idle, d.timeouts.client_body_idle);
         assert_eq!(c.timeouts.upstream_read, d.timeouts.upstream_read);
         assert_eq!(c.pid_file, d.pid_file);
+        assert_eq!(c.h2c, d.h2c);
+        assert_eq!(c.tls, d.tls);
         assert_eq!(c.framing, d.framing);
         assert_eq!(c.length_fallback, d.length_fallback);
         assert_eq!(c.spool.dir, d.spool.dir);
@@ -683,6 +726,11 @@ mod tests {
             ),
             ("timeouts: {upstream_read: -1}\n", "timeout"),
             ("threads: 0\n", "threads"),
+            (
+                "tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}\n",
+                "tls.cert: cannot read /nonexistent/c.pem",
+            ),
+            ("tls: {cert: /a}\n", "missing field `key`"),
         ];
         for (yaml, want) in cases {
             let e = Config::from_yaml(yaml)

@@ -8,6 +8,7 @@ pub mod config;
 pub mod digest;
 pub mod drain;
 pub mod forward;
+pub mod listener;
 pub mod multipart;
 pub mod proxy;
 pub mod reject;

@@ -8,7 +8,7 @@ use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use unpart::{admin, cli, config, drain, proxy, spool};
+use unpart::{admin, cli, config, drain, listener, proxy, spool};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
@@ -73,7 +73,16 @@ fn main() -> ExitCode {
         proxy::Unpart::new(settings.clone(), spool),
         "unpart proxy",
     );
-    proxy.add_tcp(&settings.listen);
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut opts = pingora::apps::HttpServerOptions::default();
+        opts.h2c = settings.h2c;
+        app.server_options = Some(opts);
+        app.h2_options = Some(listener::h2_options());
+    }
+    if let Err(e) = listener::add(&mut proxy, &settings) {
+        eprintln!("unpart: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut admin = Service::new(
         "unpart admin".to_string(),
         pingora::apps::http_app::HttpServer::new_app(admin::Admin),

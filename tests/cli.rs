@@ -112,7 +112,14 @@ fn help_and_version() {
     }
     let (code, out, _) = unpart(&["--version"]);
     assert_eq!(code, 0);
-    assert_eq!(out.trim(), format!("unpart {}", env!("CARGO_PKG_VERSION")));
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("unpart {}", env!("CARGO_PKG_VERSION")).as_str())
+    );
+    let features = lines.next().unwrap_or("");
+    assert!(features.starts_with("features: "), "{out}");
+    assert!(features.contains("tls"), "default build has tls: {out}");
 }
 
 #[test]

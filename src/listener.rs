@@ -1,0 +1,43 @@
+//! The proxy's listener: plain TCP (optionally h2c) or TLS with HTTP/2 by ALPN.
+
+use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
+use pingora::services::listening::Service;
+
+use crate::config::Settings;
+
+/// HTTP/2 flow-control windows. h2's defaults (64 KiB) let a client send one window per round
+/// trip and starve an upload; these bound what one stream (and one connection) can make unpart
+/// buffer before it reads, which is what stays in memory per upload.
+const STREAM_WINDOW: u32 = 512 * 1024;
+const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+
+pub fn h2_options() -> H2Options {
+    let mut o = default_h2_options();
+    o.initial_window_size(STREAM_WINDOW);
+    o.initial_connection_window_size(CONNECTION_WINDOW);
+    o
+}
+
+/// Adds `listen` to the proxy service, with TLS when configured.
+pub fn add<A>(service: &mut Service<A>, settings: &Settings) -> Result<(), String> {
+    match &settings.tls {
+        None => {
+            service.add_tcp(&settings.listen);
+            Ok(())
+        }
+        #[cfg(feature = "tls")]
+        Some(t) => {
+            use pingora::listeners::tls::TlsSettings;
+            let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+            let mut tls = TlsSettings::intermediate(&path(&t.cert), &path(&t.key))
+                .map_err(|e| format!("tls: {e}"))?;
+            if t.h2 {
+                tls.enable_h2();
+            }
+            service.add_tls_with_settings(&settings.listen, None, tls);
+            Ok(())
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(_) => Err("tls: this unpart was built without the `tls` feature".into()),
+    }
+}
