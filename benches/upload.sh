@@ -15,6 +15,8 @@
 #      peak RSS during the phase (VmHWM reset through /proc/PID/clear_refs) and the bytes
 #      unpart wrote to disk (/proc/PID/io write_bytes), against nginx-upload-module's
 #      200-220 MB/s on this machine kind (DESIGN.md section 6; not measured by this script),
+#   e. HTTP/2 (issue #5): one SIZE_MB upload with curl -F over h2c and over HTTP/1.1 to the same
+#      unpart (curl sends 16 KiB HTTP/2 frames), target h2 >= 0.8x HTTP/1.1,
 # and prints each measurement next to its target: unpart >= 0.9x direct throughput, peak RSS
 # <= 32 MiB with 16 concurrent uploads. The payload is generated in memory; only spool mode
 # writes to disk, in the script's temp directory.
@@ -212,6 +214,7 @@ pid_file: $TMP/unpart.pid
 upgrade_sock: $TMP/upgrade.sock
 grace_period_seconds: 0
 graceful_shutdown_timeout_seconds: 1
+h2c: true
 routes:
   - prefix: /spool/
     mode: spool
@@ -336,11 +339,37 @@ echo "peak RSS during spool runs (VmHWM): $sphwm MiB"
 echo "vs nginx-upload-module's $NGINX_UPLOAD_MB_S MB/s: ${spr} x"
 ls -A "$TMP/spool" | grep -q . && die "spool directory not empty after the runs"
 
-# e. Summary.
+# e. HTTP/2 against HTTP/1.1, same client (curl), same unpart.
+echo
+echo "== e. HTTP/2 (h2c) vs HTTP/1.1 through unpart: curl -F of a $SIZE_MB MiB file, $REPS runs each"
+head -c "$((SIZE_MB * 1048576))" /dev/zero | tr '\0' 'h' >"$TMP/h2.bin"
+curl_mb_s() {
+    local out
+    out=$(timeout "$REQ_TIMEOUT" curl -sS "$@" -o /dev/null -w '%{http_code} %{size_upload} %{time_total}' \
+        -F title=bench -F "file=@$TMP/h2.bin" "http://$LISTEN/upload") || die "curl $* failed"
+    set -- $out
+    [ "$1" = 200 ] || die "curl got $1"
+    awk -v b="$2" -v t="$3" 'BEGIN { printf "%.1f", b / 1e6 / t }'
+}
+h1=() h2=()
+for i in $(seq 1 "$REPS"); do
+    h1+=("$(curl_mb_s --http1.1)")
+    h2+=("$(curl_mb_s --http2-prior-knowledge)")
+done
+h1m=$(median "${h1[@]}")
+h2m=$(median "${h2[@]}")
+h2r=$(ratio "$h2m" "$h1m")
+printf 'HTTP/1.1: %8.1f MB/s median   runs: %s\n' "$h1m" "${h1[*]}"
+printf 'HTTP/2:   %8.1f MB/s median   runs: %s\n' "$h2m" "${h2[*]}"
+echo "ratio h2/h1: $h2r   target >= 0.8: $(verdict "$h2r" ">=" 0.8)"
+rm -f "$TMP/h2.bin"
+
+# f. Summary.
 echo
 echo "== summary                       measured     target"
 printf '%-30s %8s x   >= %s x   %s\n' "1 x $SIZE_MB MiB unpart/direct" "$sr" "$TARGET_RATIO" "$(verdict "$sr" ">=" "$TARGET_RATIO")"
 printf '%-30s %8s x   >= %s x   %s\n' "$CONC x $CONC_MB MiB unpart/direct" "$cr" "$TARGET_RATIO" "$(verdict "$cr" ">=" "$TARGET_RATIO")"
 printf '%-30s %6s MiB   <= %s MiB   %s\n' "unpart peak RSS" "$hwm" "$TARGET_RSS_MIB" "$(verdict "$hwm" "<=" "$TARGET_RSS_MIB")"
 printf '%-30s %6s MB/s  %s x nginx-upload-module (%s MB/s, reference)\n' "spool 1 x $SIZE_MB MiB" "$spm" "$spr" "$NGINX_UPLOAD_MB_S"
+printf '%-30s %8s x   >= 0.8 x   %s\n' "h2/h1 curl $SIZE_MB MiB" "$h2r" "$(verdict "$h2r" ">=" 0.8)"
 kill -0 "$UNPART_PID" 2>/dev/null || die "unpart exited during the run"
