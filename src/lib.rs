@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod answer;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod digest;

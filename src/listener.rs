@@ -1,5 +1,6 @@
 //! The proxy's listener: plain TCP (optionally h2c) or TLS with HTTP/2 by ALPN.
 
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
 use pingora::services::listening::Service;
 
@@ -22,7 +23,13 @@ pub fn h2_options() -> H2Options {
 pub fn add<A>(service: &mut Service<A>, settings: &Settings) -> Result<(), String> {
     match &settings.tls {
         None => {
-            service.add_tcp(&settings.listen);
+            // No l4 read buffer on the client side: the client body reader (body.rs) reads
+            // the socket directly and must not skip bytes held in such a buffer. pingora's
+            // body reads bypass that buffer anyway.
+            service.add_listener(
+                ListenerConfig::tcp(&settings.listen)
+                    .l4_buffer(L4BufferSettings::default().read(0)),
+            );
             Ok(())
         }
         #[cfg(feature = "tls")]

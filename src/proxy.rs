@@ -105,7 +105,7 @@ impl ProxyHttp for Unpart {
             Err(Failure::Reject(r)) => {
                 log::warn!("{}: rejected: {}", session.request_summary(), describe(&r));
                 upload.stats.outcome = r.error;
-                answer::respond(session, &r, upload.client_done).await;
+                upload.respond(session, &r).await;
             }
             Err(Failure::Client(why)) => {
                 log::warn!("{}: client failed: {why}", session.request_summary());

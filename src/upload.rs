@@ -21,6 +21,8 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
+use crate::answer;
+use crate::body::{BodyError, ClientBody};
 use crate::config::{FramingMode, LengthFallback, Limits, Mode, Route, Settings};
 use crate::forward::{Backend, Failure, Stats, Upstream};
 use crate::multipart::{classify, Event, Parser, ParserLimits, PartKind};
@@ -67,6 +69,7 @@ pub struct Upload<'a> {
     file_type: Option<Vec<u8>>,
     current: Current,
     sink: Sink,
+    body: ClientBody,
     /// The client's body has been read to its end.
     pub client_done: bool,
     /// An HTTP/2 read that was coalescing saw the end of the body: the next read says so.
@@ -106,6 +109,7 @@ impl<'a> Upload<'a> {
             file_type: None,
             current: Current::Between,
             sink: Sink::None,
+            body: ClientBody::pingora(settings.timeouts.client_body_idle.0),
             client_done: false,
             client_ended: false,
             stats: Stats::default(),
@@ -123,6 +127,9 @@ impl<'a> Upload<'a> {
     }
 
     async fn run_inner(&mut self, session: &mut Session) -> Result<(), Failure> {
+        // Before anything touches pingora's body reader, `100 Continue` included.
+        let idle = self.backend.settings.timeouts.client_body_idle.0;
+        self.body = ClientBody::prepare(session, idle);
         if self.route.mode == Mode::Stream
             && self.route.framing == FramingMode::Length
             && self.route.length_fallback == LengthFallback::Reject
@@ -178,7 +185,11 @@ impl<'a> Upload<'a> {
     async fn read_client(&mut self, session: &mut Session) -> Result<Option<Bytes>, Failure> {
         let idle = self.backend.settings.timeouts.client_body_idle.0;
         if !session.as_downstream().is_http2() {
-            return read_result(session.read_request_body().await, idle);
+            return match self.body.read(session).await {
+                Ok(chunk) => Ok(chunk),
+                Err(BodyError::Idle) => Err(Reject::client_timeout(idle.as_secs_f64()).into()),
+                Err(BodyError::Client(why)) => Err(Failure::Client(why)),
+            };
         }
         if self.client_ended {
             return Ok(None);
@@ -189,6 +200,11 @@ impl<'a> Upload<'a> {
         };
         let Some(first) = first else { return Ok(None) };
         self.coalesce(session, first)
+    }
+
+    /// Answers with a rejection, draining through this upload's body reader.
+    pub async fn respond(&mut self, session: &mut Session, r: &Reject) {
+        answer::respond_with(session, r, self.client_done, Some(&mut self.body)).await;
     }
 
     /// HTTP/2 clients send 16 KiB frames; one upstream chunk (and syscall) per frame ran at a

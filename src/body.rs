@@ -1,0 +1,398 @@
+//! Client body reader for stream mode: reads a large `Content-Length` body in big pieces
+//! straight from the client's socket, without pingora's 64 KiB-per-read, copy-per-read path.
+//!
+//! pingora 0.9's h1 server reads a request body at most 64 KiB at a time and copies every piece
+//! into a new `Bytes`; at upload speeds that costs a wakeup, two syscalls and a copy per 64 KiB.
+//! pingora offers no way to read the body differently, and its session must stay in charge of
+//! the connection (the response, keep-alive, the byte after this request). So the body is split
+//! in three, and pingora's own reader keeps an exact account of its share:
+//!
+//! 1. **head**: before pingora's body reader exists (it is created lazily from the request
+//!    header on first use), the `Content-Length` header is set to a small `head` length and the
+//!    reader is created at once; then the header is restored. pingora's reader now believes the
+//!    body is `head` bytes long. Its first read hands out the bytes it read together with the
+//!    header (never lost), or reads the socket itself.
+//! 2. **middle**: the next `Content-Length - head` bytes come straight from the socket, through a
+//!    second descriptor (`dup`) of the same socket registered with tokio, into one reused buffer
+//!    of up to [`MAX_READ`] bytes; each read is handed on zero-copy. It never reads past the
+//!    middle, so the tail and anything after this request stay in the socket.
+//! 3. **tail**: pingora's reader reads the last bytes of its `head` and reaches its end, so
+//!    pingora sees a body read to its end and keeps the connection alive as usual.
+//!
+//! What this relies on, each checked at run time where it can be (a failed check falls back to
+//! pingora's reader for the whole body, or closes the connection after the response):
+//! - the downstream is plain HTTP/1 over TCP (a pingora l4 `Stream`; else: fallback);
+//! - pingora's l4 stream has no read buffer of its own, so no body byte hides between pingora's
+//!   reader and the socket (`main.rs` configures the listener that way; checked on the
+//!   stream's `Debug` form, else: fallback);
+//! - pingora's body reader is created from the header on first use, not before `request_filter`
+//!   (true in pingora 0.9.1; if not, pingora's count disagrees at the end: the connection is
+//!   closed after the response instead of being reused, and no byte is misread);
+//! - pingora's content-length reader never reads past its length (true in 0.9.1).
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::proxy::Session;
+use pingora::ErrorType;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// Bodies smaller than this are read by pingora alone: the set-up costs a few syscalls, and
+/// small bodies gain nothing.
+pub const MIN_DIRECT: u64 = 4 << 20;
+/// The largest single read from the socket, and so the largest buffer per upload.
+pub const MAX_READ: usize = 1 << 20;
+/// The smallest read buffer when many uploads share [`READ_BUDGET`].
+pub const MIN_READ: usize = 128 << 10;
+/// Read buffer bytes shared by all uploads reading directly at the same time: an upload gets
+/// `READ_BUDGET / active`, within [`MIN_READ`]..=[`MAX_READ`], fixed when it starts.
+pub const READ_BUDGET: usize = 8 << 20;
+
+/// Uploads currently reading directly (for the buffer size).
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Why reading the client's body failed.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Nothing arrived for the idle timeout.
+    Idle,
+    /// The client closed early, broke its framing, or the socket failed.
+    Client(String),
+}
+
+fn from_pingora(e: Box<pingora::Error>) -> BodyError {
+    if e.etype() == &ErrorType::ReadTimedout {
+        BodyError::Idle
+    } else {
+        BodyError::Client(e.to_string())
+    }
+}
+
+/// The middle part's own reading state.
+struct Direct {
+    /// A second descriptor of the client's socket, registered with tokio for reading.
+    sock: TcpStream,
+    buf: BytesMut,
+    read_size: usize,
+    /// Middle bytes still to read.
+    left: u64,
+    /// Bytes pingora's reader reads after the middle.
+    tail: u64,
+    _active: ActiveGuard,
+}
+
+struct ActiveGuard;
+
+impl ActiveGuard {
+    /// Counts one more direct reader; returns the guard and this reader's buffer size.
+    fn new() -> (ActiveGuard, usize) {
+        let n = ACTIVE.fetch_add(1, Ordering::Relaxed) + 1;
+        (ActiveGuard, (READ_BUDGET / n).clamp(MIN_READ, MAX_READ))
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Phase {
+    /// pingora reads everything (small or chunked bodies, or no direct access).
+    Pingora,
+    /// pingora's reader was made to believe the body is `head` bytes long; its first read is
+    /// next, then the middle goes direct.
+    Head { head: u64, direct: Box<Direct> },
+    /// Reading the middle directly.
+    Middle(Box<Direct>),
+    /// The middle is done; pingora reads its last `left` bytes.
+    Tail { left: u64 },
+    /// The body has ended (or failed for good).
+    Done,
+}
+
+pub struct ClientBody {
+    phase: Phase,
+    idle: Duration,
+}
+
+impl ClientBody {
+    /// A reader that leaves everything to pingora.
+    pub fn pingora(idle: Duration) -> ClientBody {
+        ClientBody {
+            phase: Phase::Pingora,
+            idle,
+        }
+    }
+
+    /// Decides how the body will be read. Must run before anything uses pingora's body reader
+    /// (reading the body, `is_body_done`, writing `100 Continue`).
+    pub fn prepare(session: &mut Session, idle: Duration) -> ClientBody {
+        let phase = match plan(session) {
+            Some((head, direct)) => Phase::Head { head, direct },
+            None => Phase::Pingora,
+        };
+        ClientBody { phase, idle }
+    }
+
+    /// Whether the middle of the body is read directly.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.phase, Phase::Head { .. } | Phase::Middle(_))
+    }
+
+    /// The next piece of the body, `None` at its end.
+    pub async fn read(&mut self, session: &mut Session) -> Result<Option<Bytes>, BodyError> {
+        loop {
+            match &mut self.phase {
+                Phase::Pingora => return session.read_request_body().await.map_err(from_pingora),
+                Phase::Done => return Ok(None),
+                Phase::Head { head, .. } => {
+                    let head = *head;
+                    let first = match session.read_request_body().await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.phase = Phase::Done;
+                            return Err(from_pingora(e));
+                        }
+                    };
+                    let got = first.as_ref().map_or(0, |b| b.len() as u64);
+                    let Phase::Head { direct: mut d, .. } =
+                        std::mem::replace(&mut self.phase, Phase::Done)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    if first.is_none() || got >= head || session.is_body_done() {
+                        // pingora read more than `head` with the header, and holds what is past
+                        // it out of reach. Unreachable with pingora's header buffer sizes.
+                        return Err(BodyError::Client(format!(
+                            "client body reader: pingora's first read returned {got} of {head} bytes"
+                        )));
+                    }
+                    d.tail = head - got;
+                    self.phase = Phase::Middle(d);
+                    return Ok(first);
+                }
+                Phase::Middle(d) => {
+                    if d.left == 0 {
+                        self.phase = Phase::Tail { left: d.tail };
+                        continue;
+                    }
+                    return match read_direct(d, self.idle).await {
+                        Ok(b) => Ok(Some(b)),
+                        Err(e) => {
+                            self.phase = Phase::Done;
+                            Err(e)
+                        }
+                    };
+                }
+                Phase::Tail { left } => {
+                    let b = match session.read_request_body().await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.phase = Phase::Done;
+                            return Err(from_pingora(e));
+                        }
+                    };
+                    let Some(mut b) = b else {
+                        let left = *left;
+                        self.phase = Phase::Done;
+                        return Err(BodyError::Client(format!(
+                            "client body reader: the body ended {left} bytes early"
+                        )));
+                    };
+                    if b.len() as u64 > *left {
+                        // pingora's count disagrees (its reader existed before ours): keep the
+                        // body's bytes, drop the rest and do not reuse the connection.
+                        b.truncate(*left as usize);
+                        session.set_keepalive(None);
+                    }
+                    *left -= b.len() as u64;
+                    if *left == 0 {
+                        if !session.is_body_done() {
+                            log::warn!(
+                                "client body reader: pingora expects more body bytes; \
+                                 not reusing the connection"
+                            );
+                            session.set_keepalive(None);
+                        }
+                        self.phase = Phase::Done;
+                    }
+                    return Ok(Some(b));
+                }
+            }
+        }
+    }
+}
+
+/// One read of the middle, of at most the buffer's size and never past the middle's end.
+async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError> {
+    let want = (d.read_size as u64).min(d.left) as usize;
+    // Reclaims the buffer's allocation when the previous piece has been dropped.
+    d.buf.reserve(want);
+    let mut limited = (&mut d.sock).take(want as u64);
+    let n = match tokio::time::timeout(idle, limited.read_buf(&mut d.buf)).await {
+        Err(_) => return Err(BodyError::Idle),
+        Ok(Err(e)) => return Err(BodyError::Client(format!("reading the body: {e}"))),
+        Ok(Ok(n)) => n,
+    };
+    if n == 0 {
+        return Err(BodyError::Client(format!(
+            "client closed the connection with {} body bytes left",
+            d.left + d.tail
+        )));
+    }
+    d.left -= n as u64;
+    Ok(d.buf.split().freeze())
+}
+
+/// The head's length and the direct reader, when the body qualifies; pingora's body reader is
+/// then already created with the head's length.
+fn plan(session: &mut Session) -> Option<(u64, Box<Direct>)> {
+    let req = session.req_header();
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut cls = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(cl_value), None) = (cls.next(), cls.next()) else {
+        return None;
+    };
+    let cl_value = cl_value.clone();
+    let cl = parse_content_length(cl_value.as_bytes())?;
+    if cl < MIN_DIRECT {
+        return None;
+    }
+    // pingora read the header with up to a buffer's worth of body bytes; its buffer starts at
+    // 4 KiB and at most doubles past the header. `head` must exceed whatever it holds.
+    let header_len = session
+        .as_downstream()
+        .as_http1()?
+        .get_headers_raw_bytes()
+        .len() as u64;
+    let head = (4 * header_len + (64 << 10)).max(256 << 10);
+    if cl < head + MIN_READ as u64 {
+        return None;
+    }
+    let sock = direct_socket(session)?;
+    // Create pingora's body reader now, believing the body is `head` bytes long, and put the
+    // real length back for everyone else.
+    session
+        .req_header_mut()
+        .insert_header(http::header::CONTENT_LENGTH, head.to_string())
+        .ok()?;
+    let done = session.is_body_done();
+    if let Err(e) = session
+        .req_header_mut()
+        .insert_header(http::header::CONTENT_LENGTH, cl_value)
+    {
+        log::warn!("client body reader: cannot restore Content-Length: {e}");
+    }
+    if done {
+        return None;
+    }
+    let (guard, read_size) = ActiveGuard::new();
+    Some((
+        head,
+        Box::new(Direct {
+            sock,
+            buf: BytesMut::new(),
+            read_size,
+            left: cl - head,
+            tail: 0,
+            _active: guard,
+        }),
+    ))
+}
+
+/// A second descriptor of the client's TCP socket, registered with tokio; `None` when the
+/// downstream is not plain HTTP/1 over TCP through an unbuffered pingora l4 stream.
+fn direct_socket(session: &Session) -> Option<TcpStream> {
+    let h1 = session.as_downstream().as_http1()?;
+    // TLS and Unix-socket clients are expected here: pingora reads their bodies.
+    let l4 = h1.stream().as_any().downcast_ref::<L4Stream>()?;
+    // Bytes in an l4 read buffer (or put back with `rewind`) would be skipped by a direct
+    // read. pingora exposes neither, so check its `Debug` form: an unknown form reads as
+    // "buffered", which only means pingora reads this body.
+    let form = format!("{l4:?}");
+    if !form.contains("Some(UnbufferedRead(") || !form.contains("rewind_read_buf: []") {
+        unavailable("the client connection's l4 stream may hold buffered bytes");
+        return None;
+    }
+    // SAFETY: the descriptor belongs to `l4`, which outlives this call; it is only borrowed to
+    // duplicate it. The duplicate is closed when the returned stream drops.
+    let fd = match unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) }.try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("client body reader: cannot duplicate the client socket: {e}");
+            return None;
+        }
+    };
+    let std = std::net::TcpStream::from(fd);
+    // A Unix socket has no IP peer address; neither has a closed one.
+    std.peer_addr().ok()?;
+    // The descriptor shares the socket's file status, already non-blocking.
+    match TcpStream::from_std(std) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("client body reader: cannot register the client socket: {e}");
+            None
+        }
+    }
+}
+
+/// Says once per process why large bodies go through pingora's reader (a pingora change, most
+/// likely): correct, only slower.
+fn unavailable(why: &str) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        log::warn!("client body reader: cannot read bodies directly ({why}); pingora reads them");
+    }
+}
+
+/// A `Content-Length` value: ASCII digits only, as pingora accepted it.
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_values() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b"4194304"), Some(4 << 20));
+        assert_eq!(
+            parse_content_length(b"1844674407370955161"),
+            Some(1844674407370955161)
+        );
+        for bad in [
+            &b""[..],
+            b" 1",
+            b"1 ",
+            b"+1",
+            b"-1",
+            b"1e9",
+            b"0x10",
+            b"12345678901234567890",
+        ] {
+            assert_eq!(parse_content_length(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn buffer_size_shrinks_with_more_readers() {
+        let (a, size) = ActiveGuard::new();
+        assert!((MIN_READ..=MAX_READ).contains(&size));
+        let many: Vec<_> = (0..100).map(|_| ActiveGuard::new()).collect();
+        assert_eq!(many.last().map(|g| g.1), Some(MIN_READ));
+        drop(many);
+        drop(a);
+    }
+}
