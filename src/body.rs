@@ -47,10 +47,11 @@ pub const MIN_DIRECT: u64 = 4 << 20;
 /// The largest single read from the socket, and so the largest buffer per upload.
 pub const MAX_READ: usize = 1 << 20;
 /// The smallest read buffer when many uploads share [`READ_BUDGET`].
-pub const MIN_READ: usize = 128 << 10;
-/// Read buffer bytes shared by all uploads reading directly at the same time: an upload gets
-/// `READ_BUDGET / active`, within [`MIN_READ`]..=[`MAX_READ`], fixed when it starts.
-pub const READ_BUDGET: usize = 8 << 20;
+pub const MIN_READ: usize = 64 << 10;
+/// Read buffer bytes shared by all uploads reading directly at the same time: each read of an
+/// upload is at most `READ_BUDGET / active`, within [`MIN_READ`]..=[`MAX_READ`], and its buffer
+/// is replaced when that size halves or doubles.
+pub const READ_BUDGET: usize = 4 << 20;
 
 /// Uploads currently reading directly (for the buffer size).
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
@@ -77,7 +78,8 @@ struct Direct {
     /// A second descriptor of the client's socket, registered with tokio for reading.
     sock: TcpStream,
     buf: BytesMut,
-    read_size: usize,
+    /// The size `buf` was allocated with.
+    alloc: usize,
     /// Middle bytes still to read.
     left: u64,
     /// Bytes pingora's reader reads after the middle.
@@ -85,14 +87,19 @@ struct Direct {
     _active: ActiveGuard,
 }
 
+/// Counts one direct reader while it lives.
 struct ActiveGuard;
 
 impl ActiveGuard {
-    /// Counts one more direct reader; returns the guard and this reader's buffer size.
-    fn new() -> (ActiveGuard, usize) {
-        let n = ACTIVE.fetch_add(1, Ordering::Relaxed) + 1;
-        (ActiveGuard, (READ_BUDGET / n).clamp(MIN_READ, MAX_READ))
+    fn new() -> ActiveGuard {
+        ACTIVE.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard
     }
+}
+
+/// The read size for each direct reader now.
+fn read_size() -> usize {
+    (READ_BUDGET / ACTIVE.load(Ordering::Relaxed).max(1)).clamp(MIN_READ, MAX_READ)
 }
 
 impl Drop for ActiveGuard {
@@ -230,8 +237,15 @@ impl ClientBody {
 
 /// One read of the middle, of at most the buffer's size and never past the middle's end.
 async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError> {
-    let want = (d.read_size as u64).min(d.left) as usize;
-    // Reclaims the buffer's allocation when the previous piece has been dropped.
+    let size = read_size();
+    if size >= 2 * d.alloc || 2 * size <= d.alloc {
+        // The previous buffer goes when its last piece is dropped.
+        d.buf = BytesMut::with_capacity(size);
+        d.alloc = size;
+    }
+    let want = (d.alloc as u64).min(d.left) as usize;
+    // Reclaims the allocation when the previous piece has been dropped (it has, unless the
+    // backend write still holds it), so one buffer serves the whole body.
     d.buf.reserve(want);
     let mut limited = (&mut d.sock).take(want as u64);
     let n = match tokio::time::timeout(idle, limited.read_buf(&mut d.buf)).await {
@@ -293,13 +307,13 @@ fn plan(session: &mut Session) -> Option<(u64, Box<Direct>)> {
     if done {
         return None;
     }
-    let (guard, read_size) = ActiveGuard::new();
+    let guard = ActiveGuard::new();
     Some((
         head,
         Box::new(Direct {
             sock,
             buf: BytesMut::new(),
-            read_size,
+            alloc: 0,
             left: cl - head,
             tail: 0,
             _active: guard,
@@ -388,11 +402,12 @@ mod tests {
 
     #[test]
     fn buffer_size_shrinks_with_more_readers() {
-        let (a, size) = ActiveGuard::new();
-        assert!((MIN_READ..=MAX_READ).contains(&size));
+        let a = ActiveGuard::new();
+        assert!((MIN_READ..=MAX_READ).contains(&read_size()));
         let many: Vec<_> = (0..100).map(|_| ActiveGuard::new()).collect();
-        assert_eq!(many.last().map(|g| g.1), Some(MIN_READ));
+        assert_eq!(read_size(), MIN_READ);
         drop(many);
+        assert_eq!(read_size(), READ_BUDGET.clamp(MIN_READ, MAX_READ));
         drop(a);
     }
 }
