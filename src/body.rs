@@ -118,8 +118,10 @@ enum Phase {
     Middle(Box<Direct>),
     /// The middle is done; pingora reads its last `left` bytes.
     Tail { left: u64 },
-    /// The body has ended (or failed for good).
+    /// The body has ended.
     Done,
+    /// Reading failed; the reader is of no further use.
+    Failed,
 }
 
 pub struct ClientBody {
@@ -146,29 +148,29 @@ impl ClientBody {
         ClientBody { phase, idle }
     }
 
-    /// Whether the middle of the body is read directly.
-    pub fn is_direct(&self) -> bool {
-        matches!(self.phase, Phase::Head { .. } | Phase::Middle(_))
-    }
-
     /// The next piece of the body, `None` at its end.
     pub async fn read(&mut self, session: &mut Session) -> Result<Option<Bytes>, BodyError> {
         loop {
             match &mut self.phase {
                 Phase::Pingora => return session.read_request_body().await.map_err(from_pingora),
                 Phase::Done => return Ok(None),
+                Phase::Failed => {
+                    return Err(BodyError::Client(
+                        "client body reader: failed earlier".into(),
+                    ))
+                }
                 Phase::Head { head, .. } => {
                     let head = *head;
                     let first = match session.read_request_body().await {
                         Ok(b) => b,
                         Err(e) => {
-                            self.phase = Phase::Done;
+                            self.phase = Phase::Failed;
                             return Err(from_pingora(e));
                         }
                     };
                     let got = first.as_ref().map_or(0, |b| b.len() as u64);
                     let Phase::Head { direct: mut d, .. } =
-                        std::mem::replace(&mut self.phase, Phase::Done)
+                        std::mem::replace(&mut self.phase, Phase::Failed)
                     else {
                         unreachable!("matched above")
                     };
@@ -185,13 +187,15 @@ impl ClientBody {
                 }
                 Phase::Middle(d) => {
                     if d.left == 0 {
+                        // Dropping the direct reader deregisters and closes the second
+                        // descriptor before pingora reads again.
                         self.phase = Phase::Tail { left: d.tail };
                         continue;
                     }
                     return match read_direct(d, self.idle).await {
                         Ok(b) => Ok(Some(b)),
                         Err(e) => {
-                            self.phase = Phase::Done;
+                            self.phase = Phase::Failed;
                             Err(e)
                         }
                     };
@@ -200,13 +204,13 @@ impl ClientBody {
                     let b = match session.read_request_body().await {
                         Ok(b) => b,
                         Err(e) => {
-                            self.phase = Phase::Done;
+                            self.phase = Phase::Failed;
                             return Err(from_pingora(e));
                         }
                     };
                     let Some(mut b) = b else {
                         let left = *left;
-                        self.phase = Phase::Done;
+                        self.phase = Phase::Failed;
                         return Err(BodyError::Client(format!(
                             "client body reader: the body ended {left} bytes early"
                         )));
@@ -347,7 +351,9 @@ fn direct_socket(session: &Session) -> Option<TcpStream> {
     let std = std::net::TcpStream::from(fd);
     // A Unix socket has no IP peer address; neither has a closed one.
     std.peer_addr().ok()?;
-    // The descriptor shares the socket's file status, already non-blocking.
+    // The descriptor shares the socket's file status, already non-blocking. tokio registers
+    // it with its own epoll entry and removes that entry before closing it on drop (closing
+    // alone would leave it, the socket being still open through pingora's descriptor).
     match TcpStream::from_std(std) {
         Ok(s) => Some(s),
         Err(e) => {
