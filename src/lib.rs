@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod multipart;
 pub mod proxy;
 pub mod reject;

@@ -6,7 +6,7 @@
 //! The backend never sees a truncated or rejected upload end cleanly: every failure after the
 //! head went out drops the upstream connection before the terminating chunk.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -29,6 +29,9 @@ pub struct Stats {
     pub bytes_out: u64,
     pub file_bytes: u64,
     pub outcome: &'static str,
+    /// When the request head went upstream, and how long the backend then took to answer.
+    pub upstream_sent: Option<Instant>,
+    pub upstream_time: Option<Duration>,
 }
 
 /// Why the loop stopped early.
@@ -317,7 +320,10 @@ impl<'a> Upload<'a> {
             http.set_read_timeout(Some(t.upstream_read.0));
             http.set_write_timeout(Some(t.upstream_write.0));
             match http.write_request_header(Box::new(head.clone())).await {
-                Ok(()) => return Ok(Upstream { http, peer }),
+                Ok(()) => {
+                    self.stats.upstream_sent = Some(Instant::now());
+                    return Ok(Upstream { http, peer });
+                }
                 Err(e) if reused && attempt == 0 => {
                     log::debug!("pooled upstream connection failed, reconnecting: {e}");
                 }
@@ -379,6 +385,7 @@ impl<'a> Upload<'a> {
             }
         };
         let status = head.status.as_u16();
+        self.stats.upstream_time = self.stats.upstream_sent.map(|t| t.elapsed());
         if reuse {
             self.release_if_done(&mut up).await;
         }
