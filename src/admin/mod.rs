@@ -143,7 +143,7 @@ impl ServeHttp for Admin {
             }
         }
         let is_symbol = path == "/debug/pprof/symbol";
-        if !is_get && !(is_symbol && method == http::Method::POST) {
+        if !(is_get || is_symbol && method == http::Method::POST) {
             return refuse(405, "method not allowed");
         }
         match path.as_str() {
@@ -227,13 +227,13 @@ impl Admin {
         &self,
         lock: &'a Mutex<Option<Instant>>,
         kind: &str,
-    ) -> Result<tokio::sync::MutexGuard<'a, Option<Instant>>, Resp> {
+    ) -> Result<tokio::sync::MutexGuard<'a, Option<Instant>>, Box<Resp>> {
         let Ok(guard) = lock.try_lock() else {
             crate::metrics::profile(kind, "busy");
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 409,
                 &format!("a {kind} profile is already being taken; try again when it ends"),
-            ));
+            )));
         };
         let gap = Duration::from_secs(self.settings.admin.profile_min_interval);
         if let Some(wait) = guard.and_then(|last| gap.checked_sub(last.elapsed())) {
@@ -246,7 +246,7 @@ impl Admin {
             if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
                 r.headers_mut().insert(http::header::RETRY_AFTER, v);
             }
-            return Err(r);
+            return Err(Box::new(r));
         }
         Ok(guard)
     }
@@ -273,7 +273,7 @@ impl Admin {
         };
         let mut guard = match self.turn(&self.cpu, "cpu") {
             Ok(g) => g,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let kind = if flamegraph { "flamegraph" } else { "cpu" };
         let result = take_cpu_profile(seconds, flamegraph).await;
@@ -299,7 +299,7 @@ impl Admin {
     async fn heap_profile(&self) -> Resp {
         let mut guard = match self.turn(&self.heap, "heap") {
             Ok(g) => g,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let result = off_thread(heap::profile).await;
         *guard = Some(Instant::now());
