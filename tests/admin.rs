@@ -479,10 +479,16 @@ fn rss_settles(u: &Unpart, limit: u64, within: Duration) -> u64 {
 fn profiles_and_bursts_leave_no_memory_behind() {
     let up = Upstream::start();
     let u = Unpart::start_with_admin(&up.addr, FAST, "");
-    // Warm up with the same traffic as below, so pools and buffers exist before "before".
-    let load = Load::start(&u.addr, 8);
-    thread::sleep(Duration::from_secs(2));
-    load.finish();
+    // Warm up with the same traffic as below (8 concurrent uploaders), so the connection pool
+    // and per-connection buffers exist before "before": they are steady state, not a leak.
+    let burst = |secs| {
+        let loads: Vec<Load> = (0..8).map(|_| Load::start(&u.addr, 16)).collect();
+        thread::sleep(Duration::from_secs(secs));
+        for l in loads {
+            l.finish();
+        }
+    };
+    burst(2);
     thread::sleep(Duration::from_secs(2));
     let before = u.status_kib("VmRSS:");
 
@@ -504,11 +510,7 @@ fn profiles_and_bursts_leave_no_memory_behind() {
     );
 
     // A burst of concurrent uploads: memory goes back within seconds, not at some later GC.
-    let loads: Vec<Load> = (0..8).map(|_| Load::start(&u.addr, 16)).collect();
-    thread::sleep(Duration::from_secs(3));
-    for l in loads {
-        l.finish();
-    }
+    burst(3);
     let settled = rss_settles(&u, before + 8 * 1024, Duration::from_secs(20));
     eprintln!("RSS after the burst {settled} KiB");
     assert!(
