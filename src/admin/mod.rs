@@ -27,6 +27,10 @@ pub struct Admin {
     /// When the last CPU profile ended; held for the whole profile (one at a time).
     cpu: Mutex<Option<Instant>>,
     heap: Mutex<Option<Instant>>,
+    /// Task dumps pause the runtimes and symbol lookups load the debug info: both take turns
+    /// like profiles, so parallel requests cannot stall the proxy or pile up memory.
+    dump: Mutex<Option<Instant>>,
+    symbols: Mutex<Option<Instant>>,
 }
 
 impl Admin {
@@ -35,6 +39,8 @@ impl Admin {
             settings,
             cpu: Mutex::new(None),
             heap: Mutex::new(None),
+            dump: Mutex::new(None),
+            symbols: Mutex::new(None),
         }
     }
 }
@@ -159,7 +165,12 @@ impl ServeHttp for Admin {
             "/debug/pprof/flamegraph" => self.cpu_profile(q, true).await,
             "/debug/pprof/heap" => self.heap_profile().await,
             "/debug/pprof/goroutine" => {
+                let mut turn = match self.turn(&self.dump, "goroutine") {
+                    Ok(g) => g,
+                    Err(r) => return *r,
+                };
                 let body = tasks::dump(self.settings.admin.dump_timeout.0).await;
+                *turn = Some(Instant::now());
                 respond(200, "text/plain; charset=utf-8", body.into_bytes())
             }
             "/debug/pprof/cmdline" => {
@@ -167,7 +178,24 @@ impl ServeHttp for Admin {
                 let args: Vec<String> = std::env::args().collect();
                 text(200, &args.join("\0"))
             }
-            "/debug/pprof/symbol" => symbol(session, q, method == http::Method::POST).await,
+            "/debug/pprof/symbol" => {
+                let post = method == http::Method::POST;
+                let addrs = match symbol_input(session, q, post).await {
+                    Ok(a) => a,
+                    Err(r) => return *r,
+                };
+                if addrs.is_empty() {
+                    // Go answers the bare request with the count line only.
+                    return text(200, "num_symbols: 1\n");
+                }
+                let mut turn = match self.turn(&self.symbols, "symbol") {
+                    Ok(g) => g,
+                    Err(r) => return *r,
+                };
+                let r = symbolize_addrs(addrs).await;
+                *turn = Some(Instant::now());
+                r
+            }
             p => match NOT_AVAILABLE
                 .iter()
                 .find(|(name, _)| p.strip_prefix("/debug/pprof/") == Some(name))
@@ -380,22 +408,30 @@ async fn take_cpu_profile(seconds: u64, flamegraph: bool) -> Result<Vec<u8>, Str
     .await
 }
 
-/// Go's symbol endpoint: GET without addresses says symbols exist; addresses separated by
-/// `+` (in the query for GET, the body for POST) come back one per line with their names.
-async fn symbol(session: &mut ServerSession, q: Option<&str>, post: bool) -> Resp {
+/// Go's symbol endpoint takes addresses separated by `+`, in the query for GET and in the
+/// body for POST.
+async fn symbol_input(
+    session: &mut ServerSession,
+    q: Option<&str>,
+    post: bool,
+) -> Result<Vec<u64>, Box<Resp>> {
     const MAX_BODY: usize = 64 * 1024;
+    let refused = |status, why: &str| Box::new(refuse(status, why));
     let input = if post {
         let mut body = Vec::new();
         loop {
             match session.read_request_body().await {
                 Ok(Some(b)) => {
                     if body.len() + b.len() > MAX_BODY {
-                        return refuse(413, "symbol lookups take at most 64 KiB of addresses");
+                        return Err(refused(
+                            413,
+                            "symbol lookups take at most 64 KiB of addresses",
+                        ));
                     }
                     body.extend_from_slice(&b);
                 }
                 Ok(None) => break,
-                Err(e) => return refuse(400, &format!("reading the body: {e}")),
+                Err(e) => return Err(refused(400, &format!("reading the body: {e}"))),
             }
         }
         String::from_utf8_lossy(&body).into_owned()
@@ -410,14 +446,24 @@ async fn symbol(session: &mut ServerSession, q: Option<&str>, post: bool) -> Res
         let hex = word.trim_start_matches("0x").trim_start_matches("0X");
         match u64::from_str_radix(hex, 16) {
             Ok(a) => addrs.push(a),
-            Err(_) => return refuse(400, &format!("`{word}` is not a hexadecimal address")),
+            Err(_) => {
+                return Err(refused(
+                    400,
+                    &format!("`{word}` is not a hexadecimal address"),
+                ))
+            }
+        }
+        if addrs.len() > 4096 {
+            return Err(refused(413, "symbol lookups take at most 4096 addresses"));
         }
     }
-    if addrs.len() > 4096 {
-        return refuse(413, "symbol lookups take at most 4096 addresses");
-    }
+    Ok(addrs)
+}
+
+/// One line per address that names a function: `0xADDR name`, as Go answers.
+async fn symbolize_addrs(addrs: Vec<u64>) -> Resp {
     let names = off_thread(move || {
-        let mut out = String::from("num_symbols: 1\n");
+        let mut out = String::new();
         for a in addrs {
             // The last symbol is the function the address is in; the others were inlined.
             if let Some(s) = cpu::resolve(a).last().filter(|s| s.addr.is_some()) {
@@ -428,10 +474,9 @@ async fn symbol(session: &mut ServerSession, q: Option<&str>, post: bool) -> Res
         Ok(out)
     })
     .await;
+    heap::purge();
     match names {
-        // Go answers the bare GET with the count line only, lookups without it.
-        Ok(out) if input.trim().is_empty() => text(200, &out),
-        Ok(out) => text(200, out.trim_start_matches("num_symbols: 1\n")),
+        Ok(out) => text(200, &out),
         Err(e) => refuse(500, &e),
     }
 }
