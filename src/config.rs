@@ -251,12 +251,83 @@ impl Default for SpoolConf {
     }
 }
 
+/// `admin:` is either the listen address alone (`admin: 127.0.0.1:6060`) or a map with the
+/// listener's safety settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConf {
+    pub listen: String,
+    /// When set, every admin endpoint but /healthz and /readyz needs `Authorization: Bearer`.
+    pub token: Option<String>,
+    /// Longest CPU profile (`?seconds=`) the listener takes.
+    pub profile_max_seconds: u64,
+    /// Seconds between the end of one profile (CPU or heap) and the start of the next.
+    pub profile_min_interval: u64,
+    /// How long a task dump may take before the in-flight list is served alone.
+    pub dump_timeout: Seconds,
+}
+
+impl Default for AdminConf {
+    fn default() -> Self {
+        AdminConf {
+            listen: "127.0.0.1:6060".into(),
+            token: None,
+            profile_max_seconds: 60,
+            profile_min_interval: 2,
+            dump_timeout: Seconds(Duration::from_secs(2)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminConf {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        struct Full {
+            listen: String,
+            token: Option<String>,
+            profile_max_seconds: u64,
+            profile_min_interval: u64,
+            dump_timeout: Seconds,
+        }
+        impl Default for Full {
+            fn default() -> Self {
+                let d = AdminConf::default();
+                Full {
+                    listen: d.listen,
+                    token: d.token,
+                    profile_max_seconds: d.profile_max_seconds,
+                    profile_min_interval: d.profile_min_interval,
+                    dump_timeout: d.dump_timeout,
+                }
+            }
+        }
+        // Not an untagged enum: its error would hide which key inside the map is wrong.
+        match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(listen) => Ok(AdminConf {
+                listen,
+                ..AdminConf::default()
+            }),
+            v => {
+                let f: Full = serde_yaml::from_value(v)
+                    .map_err(|e| serde::de::Error::custom(format!("admin: {e}")))?;
+                Ok(AdminConf {
+                    listen: f.listen,
+                    token: f.token,
+                    profile_max_seconds: f.profile_max_seconds,
+                    profile_min_interval: f.profile_min_interval,
+                    dump_timeout: f.dump_timeout,
+                })
+            }
+        }
+    }
+}
+
 /// The file as written. pingora's keys keep their pingora names.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: String,
-    pub admin: String,
+    pub admin: AdminConf,
     pub upstream: String,
     /// TLS on `listen`; absent means plain TCP.
     pub tls: Option<TlsConf>,
@@ -288,7 +359,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:8080".into(),
-            admin: "127.0.0.1:6060".into(),
+            admin: AdminConf::default(),
             upstream: "127.0.0.1:8081".into(),
             tls: None,
             h2c: false,
@@ -363,7 +434,7 @@ impl Route {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: String,
-    pub admin: String,
+    pub admin: AdminConf,
     pub upstream: UpstreamAddr,
     pub tls: Option<TlsConf>,
     pub h2c: bool,
@@ -421,8 +492,8 @@ impl Config {
     /// Checks every value and resolves routes; the error names the key and why.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         check_socket_addr("listen", &self.listen)?;
-        check_socket_addr("admin", &self.admin)?;
-        if self.listen == self.admin {
+        check_admin(&self.admin)?;
+        if self.listen == self.admin.listen {
             return err("admin: must not be the proxy's listen address");
         }
         let upstream = parse_upstream(&self.upstream)?;
@@ -527,6 +598,23 @@ fn check_spool(s: &SpoolConf) -> Result<SpoolConf, ConfigError> {
         new
     });
     Ok(s)
+}
+
+fn check_admin(a: &AdminConf) -> Result<(), ConfigError> {
+    check_socket_addr("admin.listen", &a.listen)?;
+    if a.token
+        .as_deref()
+        .is_some_and(|t| t.len() < 16 || !t.bytes().all(|c| c.is_ascii_graphic()))
+    {
+        return err("admin.token: must be at least 16 visible ASCII characters");
+    }
+    if !(1..=3600).contains(&a.profile_max_seconds) {
+        return err("admin.profile_max_seconds: must be between 1 and 3600");
+    }
+    if a.profile_min_interval > 3600 {
+        return err("admin.profile_min_interval: must be at most 3600");
+    }
+    Ok(())
 }
 
 fn check_socket_addr(key: &str, v: &str) -> Result<(), ConfigError> {
@@ -639,7 +727,8 @@ mod tests {
     fn empty_file_is_the_defaults() {
         let s = Config::from_yaml("").unwrap().settings().unwrap();
         assert_eq!(s.listen, "0.0.0.0:8080");
-        assert_eq!(s.admin, "127.0.0.1:6060");
+        assert_eq!(s.admin, AdminConf::default());
+        assert_eq!(s.admin.listen, "127.0.0.1:6060");
         assert_eq!(s.upstream, UpstreamAddr::Tcp("127.0.0.1:8081".into()));
         assert_eq!(s.routes.len(), 1);
         assert_eq!(s.routes[0].mode, Mode::Stream);
@@ -731,6 +820,13 @@ mod tests {
                 "tls.cert: cannot read /nonexistent/c.pem",
             ),
             ("tls: {cert: /a}\n", "missing field `key`"),
+            ("admin: nowhere\n", "admin.listen"),
+            ("admin: {tokn: x}\n", "admin: unknown field `tokn`"),
+            ("admin: {token: short}\n", "admin.token"),
+            (
+                "admin: {profile_max_seconds: 0}\n",
+                "admin.profile_max_seconds",
+            ),
         ];
         for (yaml, want) in cases {
             let e = Config::from_yaml(yaml)
@@ -758,6 +854,22 @@ mod tests {
         assert!(s.spools());
         use crate::digest::Algorithm::*;
         assert_eq!(s.spool.digests, vec![Md5, Sha256]);
+    }
+
+    #[test]
+    fn admin_is_an_address_or_a_map() {
+        let c = Config::from_yaml("admin: 127.0.0.1:7070\n").unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:7070");
+        assert_eq!(c.admin.profile_max_seconds, 60);
+        let c = Config::from_yaml(
+            "admin:\n  listen: 0.0.0.0:7070\n  token: 0123456789abcdef\n  profile_max_seconds: 5\n",
+        )
+        .unwrap();
+        let s = c.settings().unwrap();
+        assert_eq!(s.admin.listen, "0.0.0.0:7070");
+        assert_eq!(s.admin.token.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(s.admin.profile_max_seconds, 5);
+        assert_eq!(s.admin.profile_min_interval, 2);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! pingora's proxy writes the upstream head before a request filter could read the body, so
 //! these requests go through pingora's `Connector` with a pool of their own.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -25,6 +25,9 @@ pub struct Stats {
     pub bytes_out: u64,
     pub file_bytes: u64,
     pub outcome: &'static str,
+    /// When the request head went upstream, and how long the backend then took to answer.
+    pub upstream_sent: Option<Instant>,
+    pub upstream_time: Option<Duration>,
 }
 
 /// Why a request stopped early.
@@ -68,6 +71,7 @@ impl Backend<'_> {
         form: &FormHeaders,
         content_type: Option<&[u8]>,
         framing: Framing,
+        stats: &mut Stats,
     ) -> Result<Upstream, Failure> {
         let peer = upstream::peer(self.settings)
             .await
@@ -85,7 +89,10 @@ impl Backend<'_> {
             http.set_read_timeout(Some(t.upstream_read.0));
             http.set_write_timeout(Some(t.upstream_write.0));
             match http.write_request_header(Box::new(head.clone())).await {
-                Ok(()) => return Ok(Upstream { http, peer }),
+                Ok(()) => {
+                    stats.upstream_sent = Some(Instant::now());
+                    return Ok(Upstream { http, peer });
+                }
                 Err(e) if reused && attempt == 0 => {
                     log::debug!("pooled upstream connection failed, reconnecting: {e}");
                 }
@@ -178,6 +185,7 @@ impl Backend<'_> {
             }
         };
         let status = head.status.as_u16();
+        stats.upstream_time = stats.upstream_sent.map(|t| t.elapsed());
         if reuse {
             self.release_if_done(&mut up).await;
         }

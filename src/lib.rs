@@ -10,6 +10,7 @@ pub mod digest;
 pub mod drain;
 pub mod forward;
 pub mod listener;
+pub mod metrics;
 pub mod multipart;
 pub mod proxy;
 pub mod reject;

@@ -10,10 +10,12 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
+use crate::admin::tasks;
 use crate::answer;
 use crate::config::{Mode, Settings};
 use crate::drain::InFlight;
 use crate::forward::{Failure, Stats};
+use crate::metrics;
 use crate::multipart;
 use crate::rewrite;
 use crate::spool::SpoolDir;
@@ -38,13 +40,18 @@ impl Unpart {
     }
 }
 
-/// Per-request state: what the access log says.
+/// Per-request state: what the access log and the metrics say.
 pub struct Ctx {
     start: Instant,
     /// Counts this request until its context is dropped, for the shutdown drain.
     _in_flight: InFlight,
     /// Set when unpart answered the request itself (an upload or a rejection).
     handled: Option<Stats>,
+    /// Proxied by pingora: when the head went upstream, and how long the backend took to answer.
+    upstream_sent: Option<Instant>,
+    upstream_time: Option<std::time::Duration>,
+    /// Listed in `/debug/pprof/goroutine` until the request ends.
+    _listed: Option<tasks::Request>,
 }
 
 #[async_trait]
@@ -56,16 +63,25 @@ impl ProxyHttp for Unpart {
             start: Instant::now(),
             _in_flight: InFlight::start(),
             handled: None,
+            upstream_sent: None,
+            upstream_time: None,
+            _listed: None,
         }
     }
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         // On every request, multipart or not: a client must never forge the contract headers.
         let removed = rewrite::strip_reserved(session.req_header_mut(), &self.settings.headers);
         if removed > 0 {
             log::debug!("removed {removed} client-sent reserved header name(s)");
         }
         session.set_read_timeout(Some(self.settings.timeouts.client_body_idle.0));
+        tasks::note_runtime("proxy");
+        let req = session.req_header();
+        ctx._listed = Some(tasks::Request::start(
+            req.method.as_str(),
+            &req.uri.to_string(),
+        ));
         Ok(())
     }
 
@@ -84,6 +100,7 @@ impl ProxyHttp for Unpart {
             Err(e) => {
                 let r = e.into();
                 log::warn!("{}: rejected: {}", session.request_summary(), describe(&r));
+                metrics::rejected(r.error, r.limit);
                 answer::respond(session, &r, false).await;
                 ctx.handled = Some(Stats {
                     outcome: r.error,
@@ -99,11 +116,14 @@ impl ProxyHttp for Unpart {
             route,
             &boundary,
         );
+        let in_flight = metrics::InFlight::start();
         let result = upload.run(session).await;
+        drop(in_flight);
         match result {
             Ok(()) => {}
             Err(Failure::Reject(r)) => {
                 log::warn!("{}: rejected: {}", session.request_summary(), describe(&r));
+                metrics::rejected(r.error, r.limit);
                 upload.stats.outcome = r.error;
                 upload.respond(session, &r).await;
             }
@@ -137,6 +157,26 @@ impl ProxyHttp for Unpart {
         }
     }
 
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_time = ctx.upstream_sent.map(|t| t.elapsed());
+        Ok(())
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let (bytes_in, bytes_out, outcome) = match &ctx.handled {
@@ -151,6 +191,19 @@ impl ProxyHttp for Unpart {
             ),
         };
         let req = session.req_header();
+        metrics::finished(&metrics::Finished {
+            route: &self.settings.route(&req.method, req.uri.path()).prefix,
+            outcome: &outcome,
+            upload: ctx.handled.is_some(),
+            bytes_in,
+            bytes_out,
+            file_bytes: ctx.handled.as_ref().map_or(0, |s| s.file_bytes),
+            duration: ctx.start.elapsed(),
+            upstream: match &ctx.handled {
+                Some(s) => s.upstream_time,
+                None => ctx.upstream_time,
+            },
+        });
         log::info!(
             target: "access",
             "{} {} {} {} in={} out={} {}ms {}",

@@ -339,13 +339,16 @@ impl<'a> Upload<'a> {
         )
     }
 
-    async fn connect(&self, session: &Session, framing: Framing) -> Result<Upstream, Failure> {
+    async fn connect(&mut self, session: &Session, framing: Framing) -> Result<Upstream, Failure> {
         let ct = self.file_type.as_deref();
-        self.backend.connect(session, &self.form, ct, framing).await
+        let stats = &mut self.stats;
+        self.backend
+            .connect(session, &self.form, ct, framing, stats)
+            .await
     }
 
     /// The file part has started: decide where its bytes go.
-    async fn open_sink(&self, session: &Session) -> Result<Sink, Failure> {
+    async fn open_sink(&mut self, session: &Session) -> Result<Sink, Failure> {
         let length = match (self.route.mode, self.route.framing) {
             (Mode::Spool, _) => return self.spool_sink().await,
             (_, FramingMode::Chunked) => None,

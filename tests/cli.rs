@@ -64,6 +64,16 @@ fn check_mode_names_the_bad_key() {
             "headers.file_name",
         ),
         ("addr.yaml", "listen: 8080\n", "listen:"),
+        (
+            "admin.yaml",
+            "admin: {tokn: x}\n",
+            "admin: unknown field `tokn`",
+        ),
+        (
+            "token.yaml",
+            "admin: {listen: 0.0.0.0:6060, token: short}\n",
+            "admin.token",
+        ),
     ] {
         let p = conf(name, text);
         let (code, _, err) = unpart(&["-t", "-c", p.to_str().unwrap()]);

@@ -465,21 +465,36 @@ impl Unpart {
     /// Starts unpart in front of `upstream` with `yaml` appended to the generated config;
     /// `{dir}` in `yaml` stands for unpart's own temp dir (removed on drop).
     pub fn start(upstream: &str, yaml: &str) -> Unpart {
-        Unpart::start_wrapped(upstream, yaml, None)
+        Unpart::start_full(upstream, "", yaml, None)
     }
 
     /// Like `start`, with a shell command run first in the process that then execs unpart
     /// (for example `ulimit -f 64`), so `child` is still unpart itself.
     pub fn start_wrapped(upstream: &str, yaml: &str, shell_prefix: Option<&str>) -> Unpart {
+        Unpart::start_full(upstream, "", yaml, shell_prefix)
+    }
+
+    /// As `start`, with `admin` (e.g. `"token: x, profile_min_interval: 0"`) added to the
+    /// `admin:` map next to the generated listen address.
+    pub fn start_with_admin(upstream: &str, admin: &str, yaml: &str) -> Unpart {
+        Unpart::start_full(upstream, admin, yaml, None)
+    }
+
+    fn start_full(upstream: &str, admin: &str, yaml: &str, shell_prefix: Option<&str>) -> Unpart {
         for _ in 0..5 {
-            if let Some(u) = Unpart::try_start(upstream, yaml, shell_prefix) {
+            if let Some(u) = Unpart::try_start(upstream, admin, yaml, shell_prefix) {
                 return u;
             }
         }
         panic!("unpart did not start");
     }
 
-    fn try_start(upstream: &str, yaml: &str, shell_prefix: Option<&str>) -> Option<Unpart> {
+    fn try_start(
+        upstream: &str,
+        admin_extra: &str,
+        yaml: &str,
+        shell_prefix: Option<&str>,
+    ) -> Option<Unpart> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("unpart-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -487,10 +502,15 @@ impl Unpart {
         let addr = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let conf = dir.join("unpart.yaml");
+        let admin_conf = if admin_extra.is_empty() {
+            admin.clone()
+        } else {
+            format!("{{listen: {admin}, {admin_extra}}}")
+        };
         std::fs::write(
             &conf,
             format!(
-                "listen: {addr}\nadmin: {admin}\nupstream: {upstream}\nthreads: 2\npid_file: {d}/unpart.pid\nupgrade_sock: {d}/upgrade.sock\n{yaml}",
+                "listen: {addr}\nadmin: {admin_conf}\nupstream: {upstream}\nthreads: 2\npid_file: {d}/unpart.pid\nupgrade_sock: {d}/upgrade.sock\n{yaml}",
                 d = dir.display(),
                 yaml = yaml.replace("{dir}", &dir.display().to_string()),
             ),

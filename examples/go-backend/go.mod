@@ -1,0 +1,3 @@
+module unpart/examples/go-backend
+
+go 1.19
