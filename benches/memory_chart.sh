@@ -104,7 +104,7 @@ series = [
     ("Go backend behind unpart (raw body)", "backend_raw_kib", "#1f77b4"),
     ("Go backend, ParseMultipartForm directly", "backend_multipart_kib", "#7f7f7f"),
 ]
-W, H, L, R, T, B = 900, 420, 70, 20, 40, 70
+W, H, L, R, T, B = 900, 470, 70, 20, 40, 120
 tmax = max(t) or 1
 ymax = max(int(r[k]) for r in rows for _, k, _ in series) / 1024 * 1.1 or 1
 step = next(s for s in [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000] if ymax / s <= 8)
@@ -135,9 +135,9 @@ for n, (label, key, colour) in enumerate(series):
     svg.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
     peak = max(int(r[key]) for r in rows) / 1024
     last = int(rows[-1][key]) / 1024
-    x = L + n * 280
-    svg.append(f'<rect x="{x}" y="{H-22}" width="12" height="4" fill="{colour}"/>')
-    svg.append(f'<text x="{x+16}" y="{H-16}">{label}: peak {peak:.0f}, end {last:.0f} MiB</text>')
+    y = H - 62 + n * 20
+    svg.append(f'<rect x="{L}" y="{y-6}" width="12" height="4" fill="{colour}"/>')
+    svg.append(f'<text x="{L+16}" y="{y}">{label}: peak {peak:.0f} MiB, at the end {last:.0f} MiB</text>')
 svg.append('</svg>')
 open(out, "w").write("\n".join(svg) + "\n")
 for label, key, _ in series:

@@ -77,6 +77,8 @@ fn main() -> ExitCode {
         test: false,
         conf: None,
     };
+    // Register the metrics now rather than on the first request's access-log line.
+    let _ = unpart::metrics::get();
     let mut server = Server::new_with_opt_and_conf(opt, conf.server_conf());
     server.bootstrap();
 
