@@ -122,12 +122,16 @@ fn keep_alive_on_both_sides() {
     let got = up.wait_for(10);
     assert!(got.iter().all(|r| r.complete));
     assert_eq!(got[8].body, b"file number 4");
-    // Stream mode and the plain proxy path each keep their own pool: two connections at most.
-    assert!(
-        up.connections() <= 2,
-        "{} upstream connections",
-        up.connections()
-    );
+    // Stream mode hands its upstream connection back to its pool before the client has the
+    // response, so every upload finds it there: one connection for all five. (pingora's own
+    // proxy path releases after answering; under load a quick next request may open another.)
+    let uploads: std::collections::BTreeSet<usize> = got
+        .iter()
+        .filter(|r| r.target == "/k")
+        .map(|r| r.conn)
+        .collect();
+    assert_eq!(uploads.len(), 1, "stream mode used connections {uploads:?}");
+    assert!(up.connections() < 10, "no upstream reuse at all");
 }
 
 #[test]

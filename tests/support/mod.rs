@@ -38,6 +38,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// The body ended the way its framing says (last chunk, or all Content-Length bytes).
     pub complete: bool,
+    /// Which upstream connection carried it (0 for the first accepted).
+    pub conn: usize,
 }
 
 impl Received {
@@ -193,9 +195,9 @@ impl Upstream {
                     Ok(conn) => {
                         // Accepted sockets inherit non-blocking mode on some systems.
                         let _ = conn.set_nonblocking_false();
-                        s.connections.fetch_add(1, Ordering::Relaxed);
+                        let id = s.connections.fetch_add(1, Ordering::Relaxed);
                         let s = s.clone();
-                        thread::spawn(move || serve_conn(conn, s));
+                        thread::spawn(move || serve_conn(conn, s, id));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -245,7 +247,7 @@ impl Drop for Upstream {
     }
 }
 
-fn serve_conn<C: Conn>(conn: C, shared: Arc<Shared>) {
+fn serve_conn<C: Conn>(conn: C, shared: Arc<Shared>, id: usize) {
     let _ = conn.set_read_timeout(Some(TIMEOUT));
     let mut w = match conn.try_clone() {
         Ok(w) => w,
@@ -275,6 +277,7 @@ fn serve_conn<C: Conn>(conn: C, shared: Arc<Shared>) {
             body_sha256: String::new(),
             body: Vec::new(),
             complete: false,
+            conn: id,
         };
         let refuse_chunked = behaviour == Behaviour::RejectChunked && framing == Framing::Chunked;
         if behaviour == Behaviour::Early413 || refuse_chunked {
