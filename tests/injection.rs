@@ -68,13 +68,15 @@ fn is_token(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
+/// The file part as the backend must decode it: (field, filename, content type, data).
+type FileView<'a> = (&'a [u8], &'a [u8], &'a str, &'a [u8]);
+
 /// What the upstream must have received for a form upload.
 struct Expect<'a> {
     /// Client header names that pass through (lower case), besides the generated ones.
     kept: &'a [&'a str],
     fields: &'a [(&'a [u8], &'a [u8])],
-    /// (field, filename as the backend must decode it, content type, data)
-    file: Option<(&'a [u8], &'a [u8], &'a str, &'a [u8])>,
+    file: Option<FileView<'a>>,
     /// Spool mode: Content-Length framing and the file facts.
     spool: bool,
 }
