@@ -162,6 +162,22 @@ fn send(unpart: &Unpart, body: &[u8], extra: &str) -> u16 {
     raw_request(&unpart.addr, &req).unwrap().status
 }
 
+/// Sends the parts as one upload (accepted) and returns what the upstream received.
+fn upload(up: &Upstream, unpart: &Unpart, parts: &[Vec<u8>], extra: &str) -> Received {
+    assert_eq!(send(unpart, &body("inj", parts), extra), 200);
+    up.wait_for(1).remove(0)
+}
+
+/// A stream-mode upload whose only kept client header is Host.
+fn streamed<'a>(fields: &'a [(&'a [u8], &'a [u8])], file: FileView<'a>) -> Expect<'a> {
+    Expect {
+        kept: &["host"],
+        fields,
+        file: Some(file),
+        spool: false,
+    }
+}
+
 /// Names of real headers and of the reserved prefixes stay under `X-Form-`; the client's own
 /// Host and the framing unpart chose are untouched.
 #[test]
@@ -196,25 +212,22 @@ fn field_names_that_are_real_or_reserved_headers_stay_prefixed() {
     ];
     let mut parts: Vec<Vec<u8>> = names.iter().zip(values).map(|(n, v)| field(n, v)).collect();
     parts.push(file(b"Host", b"X-File-Name", b"the file"));
-    assert_eq!(send(&unpart, &body("inj", &parts), ""), 200);
-    let got = up.wait_for(1);
+    let r = upload(&up, &unpart, &parts, "");
     let fields: Vec<(&[u8], &[u8])> = names.iter().copied().zip(values).collect();
     check(
-        &got[0],
-        &Expect {
-            kept: &["host"],
-            fields: &fields,
-            file: Some((
+        &r,
+        &streamed(
+            &fields,
+            (
                 b"Host",
                 b"X-File-Name",
                 "application/octet-stream",
                 b"the file",
-            )),
-            spool: false,
-        },
+            ),
+        ),
     );
-    assert_eq!(got[0].header("host"), Some("test"));
-    assert_eq!(got[0].header("x-form-%48ost"), Some("evil.example"));
+    assert_eq!(r.header("host"), Some("test"));
+    assert_eq!(r.header("x-form-%48ost"), Some("evil.example"));
 }
 
 /// CR, LF and NUL reach the parser through values (any byte), RFC 2231 `name*=` and
@@ -245,29 +258,26 @@ fn cr_lf_nul_in_names_values_and_filenames_are_encoded() {
             b"file\r\nbody\x00",
         ),
     ];
-    assert_eq!(send(&unpart, &body("inj", &parts), ""), 200);
-    let got = up.wait_for(1);
+    let r = upload(&up, &unpart, &parts, "");
     check(
-        &got[0],
-        &Expect {
-            kept: &["host"],
-            fields: &[
+        &r,
+        &streamed(
+            &[
                 (b"plain", smuggle),
                 (b"a\r\nX-Injected: 1\x00", b"\r\n\r\n"),
                 (b"nul\x00name", b"\x00"),
                 (b"folded", b"x"),
             ],
-            file: Some((
+            (
                 b"f",
                 b"x\r\nX-Evil: y\x00.txt",
                 "text/plain; charset=utf-8",
                 b"file\r\nbody\x00",
-            )),
-            spool: false,
-        },
+            ),
+        ),
     );
     assert_eq!(
-        got[0].header("x-form-plain"),
+        r.header("x-form-plain"),
         Some("v%0D%0AHost:%20evil%0D%0AContent-Length:%200%0D%0A%0D%0AGET%20/admin%20HTTP/1.1%0D%0A%00end")
     );
 }
@@ -283,28 +293,25 @@ fn non_ascii_and_invalid_utf8_are_percent_encoded() {
         part(b"form-data; name*=UTF-8''%FF%C3%A9", b"", b"\xe2\x80\xa8"),
         file("fïle".as_bytes(), b"\xffr\xc3\xa9sum\xc3.pdf", b"\x80\x81"),
     ];
-    assert_eq!(send(&unpart, &body("inj", &parts), ""), 200);
-    let got = up.wait_for(1);
+    let r = upload(&up, &unpart, &parts, "");
     check(
-        &got[0],
-        &Expect {
-            kept: &["host"],
-            fields: &[
+        &r,
+        &streamed(
+            &[
                 ("naïve".as_bytes(), "日本語 ✓".as_bytes()),
                 (b"\xff\xfe", b"\xc3\x28\x80\xff"),
                 (b"\xff\xc3\xa9", b"\xe2\x80\xa8"),
             ],
-            file: Some((
+            (
                 "fïle".as_bytes(),
                 b"\xffr\xc3\xa9sum\xc3.pdf",
                 "application/octet-stream",
                 b"\x80\x81",
-            )),
-            spool: false,
-        },
+            ),
+        ),
     );
     assert_eq!(
-        got[0].header("x-form-na%C3%AFve"),
+        r.header("x-form-na%C3%AFve"),
         Some("%E6%97%A5%E6%9C%AC%E8%AA%9E%20%E2%9C%93")
     );
 }
@@ -438,12 +445,10 @@ fn conflicting_client_framing_never_reaches_the_backend_twice() {
         // Accepted (the chunked framing wins, as RFC 9112 says): exactly the contract.
         Ok(200) => check(
             &got[0],
-            &Expect {
-                kept: &["host"],
-                fields: &[(b"a", b"1")],
-                file: Some((b"f", b"a.txt", "application/octet-stream", b"bytes")),
-                spool: false,
-            },
+            &streamed(
+                &[(b"a", b"1")],
+                (b"f", b"a.txt", "application/octet-stream", b"bytes"),
+            ),
         ),
         // Refused: then nothing reached the backend.
         _ => assert!(got.is_empty(), "{status:?} {got:?}"),
@@ -467,10 +472,9 @@ fn spool_mode_encodes_the_same_way() {
         field(b"Host", b"evil"),
     ];
     let forged = "X-File-Size: 1\r\nX-File-Sha256: 00\r\nx-form-host: forged\r\n";
-    assert_eq!(send(&unpart, &body("inj", &parts), forged), 200);
-    let got = up.wait_for(1);
+    let r = upload(&up, &unpart, &parts, forged);
     check(
-        &got[0],
+        &r,
         &Expect {
             kept: &["host"],
             fields: &[
@@ -488,7 +492,7 @@ fn spool_mode_encodes_the_same_way() {
             spool: true,
         },
     );
-    assert_eq!(got[0].header("host"), Some("test"));
+    assert_eq!(r.header("host"), Some("test"));
 }
 
 /// A file part's own Content-Type becomes the upstream Content-Type, so one with control or

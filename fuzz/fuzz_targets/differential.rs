@@ -239,7 +239,7 @@ fn theirs(boundary: &str, body: &[u8], chunks: &[usize]) -> Result<Vec<TheirPart
 
 // ---- the documented difference classes (fuzz/README.md) ----
 
-/// Classes counted per exclusion, printed every 2^20 runs when UNPART_FUZZ_STATS is set.
+/// Outcomes and classes, printed every N runs when UNPART_FUZZ_STATS=N (N defaults to 2^20).
 static COUNTS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
 const CLASS_NAMES: [&str; 12] = [
     "runs",
@@ -256,9 +256,17 @@ const CLASS_NAMES: [&str; 12] = [
     "boundary-not-utf8",
 ];
 
+fn stats_every() -> Option<u64> {
+    static EVERY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        let v = std::env::var("UNPART_FUZZ_STATS").ok()?;
+        Some(v.parse().unwrap_or(1 << 20).max(1))
+    })
+}
+
 fn count(i: usize) {
     let n = COUNTS[i].fetch_add(1, Ordering::Relaxed) + 1;
-    if i == 0 && n % (1 << 20) == 0 && std::env::var_os("UNPART_FUZZ_STATS").is_some() {
+    if i == 0 && stats_every().is_some_and(|every| n % every == 0) {
         let s: Vec<String> = CLASS_NAMES
             .iter()
             .zip(&COUNTS)
