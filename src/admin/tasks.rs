@@ -69,6 +69,7 @@ fn in_flight(out: &mut String) {
 
 #[cfg(all(
     tokio_unstable,
+    feature = "taskdump",
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
@@ -140,6 +141,7 @@ mod dump {
 
 #[cfg(not(all(
     tokio_unstable,
+    feature = "taskdump",
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
 )))]

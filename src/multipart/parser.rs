@@ -280,6 +280,14 @@ impl Parser {
 
     /// One line including its `\n`; at end of input, the unterminated rest. Copies only the line.
     fn take_line(&mut self, max: usize) -> Result<Option<Bytes>, ParseError> {
+        // A delimiter matched inside the carry (at the start of a part's data) leaves the two
+        // bytes after it there, and they may already hold the boundary line's newline.
+        if let Some(i) = memchr::memchr(b'\n', &self.carry) {
+            if i + 1 > max {
+                return Err(self.too_long(max));
+            }
+            return Ok(Some(self.carry.split_to(i + 1).freeze()));
+        }
         if let Some(i) = memchr::memchr(b'\n', &self.input) {
             if self.carry.len() + i + 1 > max {
                 return Err(self.too_long(max));

@@ -182,6 +182,33 @@ fn empty_part_data_and_delimiter_without_newline_at_start() {
     assert!(p[1].1.is_empty());
 }
 
+/// Found by the differential fuzz target: when a part's data starts with the delimiter and the
+/// chunk ended within a few bytes of it, the newline of the boundary line was already in the
+/// carry, and the next line was read from the following input: BadBoundaryLine for a body
+/// that parses whole. `parse` tries every two-way split.
+#[test]
+fn delimiter_at_data_start_then_another_part_survives_any_split() {
+    for body in [
+        &b"--b\r\nA: 1\r\n\r\n--b\r\nA: 2\r\n\r\nv\r\n--b--"[..],
+        b"--b\r\nA: 1\r\n\r\n--b \t\r\nA: 2\r\n\r\nv\r\n--b--\r\n",
+        b"--b\nA: 1\n\n--b\nA: 2\n\nv\n--b--\n",
+        b"--b\n\n--b\n\nv\n--b--\n",
+    ] {
+        let p = parts(parse(body, "b"));
+        assert_eq!(p.len(), 2, "{:?}", String::from_utf8_lossy(body));
+        assert!(p[0].1.is_empty());
+        assert_eq!(p[1].1, b"v");
+    }
+    // The fuzz input's own chunking.
+    let body = b"--b\r\nContent-Disposition: form-data; name=\"e\"\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--b--";
+    let whole = run(body, "b", &[body.len()], ParserLimits::default());
+    assert_eq!(
+        run(body, "b", &[6, 12, 32, 1088], ParserLimits::default()),
+        whole
+    );
+    assert_eq!(parts(whole).len(), 2);
+}
+
 #[test]
 fn incomplete_bodies() {
     for body in [
