@@ -561,6 +561,41 @@ fn go_tool_pprof_reads_the_profiles() {
         );
         assert!(text.contains(want), "{url}: no `{want}` in:\n{text}");
     }
+    // `go tool pprof -http` opens its web UI on the heap profile (the top table: the graph
+    // view also needs graphviz).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let url = format!("http://{}/debug/pprof/heap", u.admin);
+    let mut web = Command::new("go")
+        .args(["tool", "pprof", "-no_browser"])
+        .arg(format!("-http=127.0.0.1:{port}"))
+        .arg(&url)
+        .env("HOME", &home)
+        .env("PPROF_TMPDIR", &home)
+        .env("GOCACHE", home.join("cache"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run go tool pprof -http");
+    let ui = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let req = format!("GET /ui/top HTTP/1.1\r\nHost: {ui}\r\nConnection: close\r\n\r\n");
+        if let Ok(r) = raw_request(&ui, req.as_bytes()) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pprof -http did not open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = web.kill();
+    let _ = web.wait();
+    assert_eq!(page.status, 200, "{}", String::from_utf8_lossy(&page.body));
+    assert!(String::from_utf8_lossy(&page.body).contains("unpart"));
     for h in stalled {
         let _ = h.join();
     }
