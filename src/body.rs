@@ -270,16 +270,12 @@ async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError>
 /// The head's length and the direct reader, when the body qualifies; pingora's body reader is
 /// then already created with the head's length.
 fn plan(session: &mut Session) -> Option<(u64, Box<Direct>)> {
-    let req = session.req_header();
-    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
-        return None;
-    }
-    let mut cls = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let (Some(cl_value), None) = (cls.next(), cls.next()) else {
-        return None;
-    };
-    let cl_value = cl_value.clone();
-    let cl = parse_content_length(cl_value.as_bytes())?;
+    let cl = content_length(session.req_header())?;
+    let cl_value = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .clone();
     if cl < MIN_DIRECT {
         return None;
     }
@@ -370,6 +366,18 @@ fn unavailable(why: &str) {
     if !SAID.swap(true, Ordering::Relaxed) {
         log::warn!("client body reader: cannot read bodies directly ({why}); pingora reads them");
     }
+}
+
+/// The body's length when one `Content-Length` frames it (no Transfer-Encoding, no repeats).
+pub fn content_length(req: &pingora::http::RequestHeader) -> Option<u64> {
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut cls = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(v), None) = (cls.next(), cls.next()) else {
+        return None;
+    };
+    parse_content_length(v.as_bytes())
 }
 
 /// A `Content-Length` value: ASCII digits only, as pingora accepted it.

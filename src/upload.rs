@@ -511,16 +511,7 @@ fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
 
 /// The client's Content-Length, when its body is framed by one.
 fn client_length(session: &Session) -> Option<u64> {
-    let h = &session.req_header().headers;
-    if h.contains_key(http::header::TRANSFER_ENCODING) {
-        return None;
-    }
-    h.get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    crate::body::content_length(session.req_header())
 }
 
 fn spool_reject(e: SpoolError) -> Reject {
