@@ -423,8 +423,16 @@ mod tests {
         for p in [&dead, &live, &other] {
             std::fs::write(p, b"x").unwrap();
         }
+        // A live pid's name that is older than STALE is a left-over too: names live only
+        // microseconds.
+        let stale = d.join(format!("unpart-{}-beef.spool", std::process::id()));
+        let f = std::fs::File::create(&stale).unwrap();
+        f.set_modified(SystemTime::now() - STALE - Duration::from_secs(5))
+            .unwrap();
+        drop(f);
         let s = SpoolDir::prepare(&conf(&d, 0)).unwrap();
         assert!(!dead.exists() && live.exists() && other.exists());
+        assert!(!stale.exists(), "a stale name is swept whatever its pid");
         std::fs::remove_dir_all(s.dir()).unwrap();
 
         let fresh = temp_dir("fresh").join("a/b");
