@@ -20,10 +20,6 @@ fn file_body(boundary: &str, data: &[u8]) -> Vec<u8> {
     )
 }
 
-fn payload(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i.wrapping_mul(7) % 251) as u8).collect()
-}
-
 #[test]
 fn chunked_framing_fails_on_such_a_backend_and_length_framing_works() {
     let up = Upstream::start();

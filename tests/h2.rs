@@ -86,7 +86,7 @@ fn check_upload(up: &Upstream, data: &[u8]) {
 }
 
 fn data_file(dir: &Path, n: usize) -> (PathBuf, Vec<u8>) {
-    let data: Vec<u8> = (0..n).map(|i| (i * 13 % 256) as u8).collect();
+    let data = payload(n);
     let p = dir.join("photo.jpg");
     std::fs::write(&p, &data).unwrap();
     (p, data)

@@ -55,10 +55,6 @@ fn no_spool_left(u: &Unpart) {
     assert!(names.is_empty(), "spool names left: {names:?}");
 }
 
-fn payload(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i.wrapping_mul(31) % 253) as u8).collect()
-}
-
 #[test]
 fn every_field_in_order_with_exact_length_size_and_digests() {
     use sha2::Digest as _;

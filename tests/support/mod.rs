@@ -91,6 +91,11 @@ pub fn unescape(s: &str) -> Vec<u8> {
     out
 }
 
+/// `n` bytes of a pattern that repeats only every 251 bytes, so a shifted or dropped byte shows.
+pub fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i.wrapping_mul(7) % 251) as u8).collect()
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
