@@ -65,7 +65,7 @@ pub enum BodyError {
     Client(String),
 }
 
-fn from_pingora(e: Box<pingora::Error>) -> BodyError {
+pub fn from_pingora(e: Box<pingora::Error>) -> BodyError {
     if e.etype() == &ErrorType::ReadTimedout {
         BodyError::Idle
     } else {

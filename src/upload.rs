@@ -19,10 +19,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pingora::proxy::Session;
-use pingora::ErrorType;
 
 use crate::answer;
-use crate::body::{BodyError, ClientBody};
+use crate::body::{from_pingora, BodyError, ClientBody};
 use crate::config::{FramingMode, LengthFallback, Limits, Mode, Route, Settings};
 use crate::forward::{Backend, Failure, Stats, Upstream};
 use crate::multipart::{classify, Event, Parser, ParserLimits, PartKind};
@@ -184,22 +183,22 @@ impl<'a> Upload<'a> {
     /// applied here (an HTTP/2 read is cancel-safe).
     async fn read_client(&mut self, session: &mut Session) -> Result<Option<Bytes>, Failure> {
         let idle = self.backend.settings.timeouts.client_body_idle.0;
-        if !session.as_downstream().is_http2() {
-            return match self.body.read(session).await {
-                Ok(chunk) => Ok(chunk),
-                Err(BodyError::Idle) => Err(Reject::client_timeout(idle.as_secs_f64()).into()),
-                Err(BodyError::Client(why)) => Err(Failure::Client(why)),
-            };
-        }
-        if self.client_ended {
-            return Ok(None);
-        }
-        let first = match tokio::time::timeout(idle, session.read_request_body()).await {
-            Ok(r) => read_result(r, idle)?,
-            Err(_) => return Err(Reject::client_timeout(idle.as_secs_f64()).into()),
+        let r = if !session.as_downstream().is_http2() {
+            self.body.read(session).await
+        } else if self.client_ended {
+            Ok(None)
+        } else {
+            match tokio::time::timeout(idle, session.read_request_body()).await {
+                Ok(r) => r.map_err(from_pingora),
+                Err(_) => Err(BodyError::Idle),
+            }
         };
-        let Some(first) = first else { return Ok(None) };
-        self.coalesce(session, first)
+        match r {
+            Ok(Some(b)) if session.as_downstream().is_http2() => self.coalesce(session, b),
+            Ok(chunk) => Ok(chunk),
+            Err(BodyError::Idle) => Err(Reject::client_timeout(idle.as_secs_f64()).into()),
+            Err(BodyError::Client(why)) => Err(Failure::Client(why)),
+        }
     }
 
     /// Answers with a rejection, draining through this upload's body reader.
@@ -482,19 +481,6 @@ impl<'a> Upload<'a> {
         // The file's space is freed now, while the backend works on its answer.
         drop(blocks);
         self.backend.finish(session, up, &mut self.stats).await
-    }
-}
-
-fn read_result(
-    r: pingora::Result<Option<Bytes>>,
-    idle: std::time::Duration,
-) -> Result<Option<Bytes>, Failure> {
-    match r {
-        Ok(chunk) => Ok(chunk),
-        Err(e) if e.etype() == &ErrorType::ReadTimedout => {
-            Err(Reject::client_timeout(idle.as_secs_f64()).into())
-        }
-        Err(e) => Err(Failure::Client(e.to_string())),
     }
 }
 
