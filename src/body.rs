@@ -61,13 +61,18 @@ static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 pub enum BodyError {
     /// Nothing arrived for the idle timeout.
     Idle,
-    /// The client closed early, broke its framing, or the socket failed.
+    /// The connection closed (or was half-closed) before the body's end: the client may
+    /// still be there to read an answer.
+    Closed(String),
+    /// The client broke its framing, or the socket failed.
     Client(String),
 }
 
 pub fn from_pingora(e: Box<pingora::Error>) -> BodyError {
     if e.etype() == &ErrorType::ReadTimedout {
         BodyError::Idle
+    } else if e.etype() == &ErrorType::ConnectionClosed {
+        BodyError::Closed(e.to_string())
     } else {
         BodyError::Client(e.to_string())
     }
@@ -211,7 +216,7 @@ impl ClientBody {
                     let Some(mut b) = b else {
                         let left = *left;
                         self.phase = Phase::Failed;
-                        return Err(BodyError::Client(format!(
+                        return Err(BodyError::Closed(format!(
                             "client body reader: the body ended {left} bytes early"
                         )));
                     };
@@ -258,7 +263,7 @@ async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError>
         Ok(Ok(n)) => n,
     };
     if n == 0 {
-        return Err(BodyError::Client(format!(
+        return Err(BodyError::Closed(format!(
             "client closed the connection with {} body bytes left",
             d.left + d.tail
         )));

@@ -190,6 +190,11 @@ impl Default for HeadersConf {
 pub struct TimeoutsConf {
     /// A client that sends no body bytes for this long is cut off.
     pub client_body_idle: Seconds,
+    /// A client whose body arrives slower than this (bytes per second of waiting for it,
+    /// measured over windows of `client_body_idle`) is cut off; 0 turns the check off.
+    pub client_body_min_rate: ByteSize,
+    /// An idle HTTP keep-alive (or HTTP/2) client connection is closed after this.
+    pub client_keepalive: Seconds,
     pub upstream_connect: Seconds,
     /// Per read of the upstream response.
     pub upstream_read: Seconds,
@@ -204,6 +209,8 @@ impl Default for TimeoutsConf {
         let s = |n| Seconds(Duration::from_secs(n));
         TimeoutsConf {
             client_body_idle: s(60),
+            client_body_min_rate: ByteSize(500),
+            client_keepalive: s(60),
             upstream_connect: s(5),
             upstream_read: s(60),
             upstream_write: s(60),
@@ -264,6 +271,8 @@ pub struct AdminConf {
     pub profile_min_interval: u64,
     /// How long a task dump may take before the in-flight list is served alone.
     pub dump_timeout: Seconds,
+    /// Full tokio task traces in /debug/pprof/goroutine (see `admin::tasks` for the risk).
+    pub task_dump: bool,
 }
 
 impl Default for AdminConf {
@@ -274,6 +283,7 @@ impl Default for AdminConf {
             profile_max_seconds: 60,
             profile_min_interval: 2,
             dump_timeout: Seconds(Duration::from_secs(2)),
+            task_dump: false,
         }
     }
 }
@@ -288,6 +298,7 @@ impl<'de> Deserialize<'de> for AdminConf {
             profile_max_seconds: u64,
             profile_min_interval: u64,
             dump_timeout: Seconds,
+            task_dump: bool,
         }
         impl Default for Full {
             fn default() -> Self {
@@ -298,6 +309,7 @@ impl<'de> Deserialize<'de> for AdminConf {
                     profile_max_seconds: d.profile_max_seconds,
                     profile_min_interval: d.profile_min_interval,
                     dump_timeout: d.dump_timeout,
+                    task_dump: d.task_dump,
                 }
             }
         }
@@ -316,6 +328,7 @@ impl<'de> Deserialize<'de> for AdminConf {
                     profile_max_seconds: f.profile_max_seconds,
                     profile_min_interval: f.profile_min_interval,
                     dump_timeout: f.dump_timeout,
+                    task_dump: f.task_dump,
                 })
             }
         }

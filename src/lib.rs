@@ -12,6 +12,7 @@ pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod multipart;
+pub mod pace;
 pub mod proxy;
 pub mod reject;
 pub mod rewrite;

@@ -90,6 +90,7 @@ fn main() -> ExitCode {
     if let Some(app) = proxy.app_logic_mut() {
         let mut opts = pingora::apps::HttpServerOptions::default();
         opts.h2c = settings.h2c;
+        opts.h2_idle_timeout = Some(settings.timeouts.client_keepalive.0);
         app.server_options = Some(opts);
         app.h2_options = Some(listener::h2_options());
     }

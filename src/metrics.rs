@@ -22,6 +22,7 @@ pub struct Metrics {
     upload_seconds: HistogramVec,
     upstream_seconds: HistogramVec,
     jemalloc: IntGaugeVec,
+    tasks: IntGaugeVec,
     profiles: IntCounterVec,
     up_since: Gauge,
 }
@@ -101,6 +102,17 @@ fn build() -> prometheus::Result<Metrics> {
                     "jemalloc statistics: allocated, active, resident, mapped, retained, metadata.",
                 ),
                 &["stat"],
+            )?;
+            registry.register(Box::new(g.clone()))?;
+            g
+        },
+        tasks: {
+            let g = IntGaugeVec::new(
+                Opts::new(
+                    "unpart_runtime_alive_tasks",
+                    "Live tokio tasks per runtime (a leak shows as steady growth).",
+                ),
+                &["runtime"],
             )?;
             registry.register(Box::new(g.clone()))?;
             g
@@ -231,6 +243,14 @@ pub fn render() -> Vec<u8> {
         ] {
             m.jemalloc.with_label_values(&[k]).set(v as i64);
         }
+    }
+    // pingora without work stealing runs one runtime per thread: sum them by service.
+    let mut by_name = std::collections::BTreeMap::new();
+    for (what, _, n) in crate::admin::tasks::alive_tasks() {
+        *by_name.entry(what).or_insert(0) += n as i64;
+    }
+    for (what, n) in by_name {
+        m.tasks.with_label_values(&[what]).set(n);
     }
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut out) {

@@ -76,6 +76,12 @@ impl ProxyHttp for Unpart {
             log::debug!("removed {removed} client-sent reserved header name(s)");
         }
         session.set_read_timeout(Some(self.settings.timeouts.client_body_idle.0));
+        // After a request, pingora waits for the next one on a keep-alive connection with no
+        // timeout at all; bound it (`Connection: close` and HTTP/1.0 clients stay closed).
+        if session.as_downstream().get_keepalive().is_some() {
+            let secs = self.settings.timeouts.client_keepalive.0.as_secs().max(1);
+            session.as_downstream_mut().set_keepalive(Some(secs));
+        }
         tasks::note_runtime("proxy");
         let req = session.req_header();
         ctx._listed = Some(tasks::Request::start(

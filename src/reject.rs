@@ -115,12 +115,35 @@ impl Reject {
         Reject::malformed("the file part's Content-Type has bytes outside visible ASCII")
     }
 
+    /// The answer usually goes nowhere; a client that only half-closed reads it.
+    pub fn incomplete_body() -> Reject {
+        Reject::new(
+            400,
+            "incomplete_body",
+            "the connection closed before the end of the request body",
+        )
+    }
+
     pub fn client_timeout(secs: f64) -> Reject {
         Reject::new(
             408,
             "client_timeout",
             format!("no request body bytes for {secs} s"),
         )
+    }
+
+    pub fn client_too_slow(rate: u64, min: u64) -> Reject {
+        Reject {
+            limit: Some("timeouts.client_body_min_rate"),
+            ..Reject::new(
+                408,
+                "client_too_slow",
+                format!(
+                    "the request body arrived at {rate} bytes/s, below \
+                     timeouts.client_body_min_rate = {min}"
+                ),
+            )
+        }
     }
 
     pub fn upstream_unreachable(detail: impl std::fmt::Display) -> Reject {

@@ -25,6 +25,7 @@ use crate::body::{from_pingora, BodyError, ClientBody};
 use crate::config::{FramingMode, LengthFallback, Limits, Mode, Route, Settings};
 use crate::forward::{Backend, Failure, Stats, Upstream};
 use crate::multipart::{classify, Event, Parser, ParserLimits, PartKind};
+use crate::pace::Pace;
 use crate::reject::Reject;
 use crate::rewrite::{self, FormHeaders, Framing};
 use crate::spool::{SpoolDir, SpoolError, SpoolWriter};
@@ -69,6 +70,7 @@ pub struct Upload<'a> {
     current: Current,
     sink: Sink,
     body: ClientBody,
+    pace: Pace,
     /// The client's body has been read to its end.
     pub client_done: bool,
     /// An HTTP/2 read that was coalescing saw the end of the body: the next read says so.
@@ -109,6 +111,10 @@ impl<'a> Upload<'a> {
             current: Current::Between,
             sink: Sink::None,
             body: ClientBody::pingora(settings.timeouts.client_body_idle.0),
+            pace: Pace::new(
+                settings.timeouts.client_body_min_rate.0,
+                settings.timeouts.client_body_idle.0,
+            ),
             client_done: false,
             client_ended: false,
             stats: Stats::default(),
@@ -178,10 +184,22 @@ impl<'a> Upload<'a> {
         Ok(())
     }
 
-    /// The next piece of the client's body. For HTTP/1 the idle timeout is pingora's own read
-    /// timeout (set in `early_request_filter`); pingora's HTTP/2 reads have none, so it is
-    /// applied here (an HTTP/2 read is cancel-safe).
+    /// The next piece of the client's body, held to the minimum rate.
     async fn read_client(&mut self, session: &mut Session) -> Result<Option<Bytes>, Failure> {
+        let start = std::time::Instant::now();
+        let r = self.read_client_raw(session).await?;
+        let n = r.as_ref().map_or(0, Bytes::len);
+        if let Err(rate) = self.pace.record(n, start.elapsed()) {
+            let min = self.backend.settings.timeouts.client_body_min_rate.0;
+            return Err(Reject::client_too_slow(rate, min).into());
+        }
+        Ok(r)
+    }
+
+    /// For HTTP/1 the idle timeout is pingora's own read timeout (set in
+    /// `early_request_filter`); pingora's HTTP/2 reads have none, so it is applied here (an
+    /// HTTP/2 read is cancel-safe).
+    async fn read_client_raw(&mut self, session: &mut Session) -> Result<Option<Bytes>, Failure> {
         let idle = self.backend.settings.timeouts.client_body_idle.0;
         let r = if !session.as_downstream().is_http2() {
             self.body.read(session).await
@@ -197,6 +215,10 @@ impl<'a> Upload<'a> {
             Ok(Some(b)) if session.as_downstream().is_http2() => self.coalesce(session, b),
             Ok(chunk) => Ok(chunk),
             Err(BodyError::Idle) => Err(Reject::client_timeout(idle.as_secs_f64()).into()),
+            Err(BodyError::Closed(why)) => {
+                log::debug!("{why}");
+                Err(Reject::incomplete_body().into())
+            }
             Err(BodyError::Client(why)) => Err(Failure::Client(why)),
         }
     }

@@ -302,7 +302,7 @@ fn uploads_in_flight_and_the_task_dump() {
         64 * 1024,
         Duration::from_secs(4),
     ));
-    let u = Unpart::start(&up.addr, "");
+    let u = Unpart::start_with_admin(&up.addr, "task_dump: true", "");
     let data = vec![b'z'; 8 << 20];
     let form = support::form("tb", &[("f", Some("big"), None, &data)]);
     let req = support::post("/stuck/upload", &support::mp("tb"), &form, "");
@@ -322,12 +322,36 @@ fn uploads_in_flight_and_the_task_dump() {
     let dump = body(&r);
     assert!(dump.contains("requests in flight: 1"), "{dump}");
     assert!(dump.contains("POST /stuck/upload"), "{dump}");
-    // Built with tokio_unstable (.cargo/config.toml): the proxy's tasks with their stacks.
+    assert!(dump.contains(" live task(s)"), "{dump}");
+    // Built with tokio_unstable (.cargo/config.toml) and turned on: the proxy's tasks with
+    // their stacks.
     if cfg!(target_arch = "x86_64") {
-        assert!(dump.contains("proxy runtime"), "{dump}");
+        assert!(dump.contains("task(s) traced"), "{dump}");
         assert!(dump.contains("unpart::upload::Upload"), "{dump}");
     }
     let _ = client.join();
+}
+
+#[test]
+fn task_traces_are_off_by_default_and_live_tasks_are_counted() {
+    let up = Upstream::start();
+    let u = Unpart::start(&up.addr, "");
+    // A request first, so the proxy's runtime is known.
+    let form = support::form("tc", &[("f", Some("f"), None, b"x")]);
+    let r = raw_request(&u.addr, &support::post("/u", &support::mp("tc"), &form, "")).unwrap();
+    assert_eq!(r.status, 200);
+    let dump = body(&get(&u.admin, "/debug/pprof/goroutine?debug=1"));
+    assert!(dump.contains("requests in flight: 0"), "{dump}");
+    assert!(dump.contains("proxy runtime "), "{dump}");
+    assert!(dump.contains(" live task(s)"), "{dump}");
+    assert!(dump.contains("task traces are off"), "{dump}");
+    assert!(!dump.contains("traced"), "{dump}");
+    let m = body(&get(&u.admin, "/metrics"));
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("unpart_runtime_alive_tasks{runtime=\"proxy\"} ")),
+        "{m}"
+    );
 }
 
 #[test]

@@ -169,7 +169,8 @@ impl ServeHttp for Admin {
                     Ok(g) => g,
                     Err(r) => return *r,
                 };
-                let body = tasks::dump(self.settings.admin.dump_timeout.0).await;
+                let a = &self.settings.admin;
+                let body = tasks::dump(a.task_dump, a.dump_timeout.0).await;
                 *turn = Some(Instant::now());
                 respond(200, "text/plain; charset=utf-8", body.into_bytes())
             }
