@@ -111,6 +111,8 @@ pub enum Behaviour {
     Normal,
     /// Read this many body bytes, then close the connection without answering.
     CloseAfter(u64),
+    /// Read this many body bytes, then reset the connection (RST, not FIN).
+    ResetAfter(u64),
     /// Answer 413 right after the head and close, without reading the body.
     Early413,
     /// Read the whole body, then say nothing for this long before closing.
@@ -137,7 +139,7 @@ pub struct Upstream {
 }
 
 /// What the recording upstream needs of a connection, TCP or Unix.
-trait Conn: Read + Write + Send + Sized + 'static {
+trait Conn: Read + Write + Send + Sized + std::os::fd::AsRawFd + 'static {
     fn try_clone(&self) -> std::io::Result<Self>;
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
     fn shutdown(&self, how: Shutdown) -> std::io::Result<()>;
@@ -303,7 +305,9 @@ fn serve_conn<C: Conn>(conn: C, shared: Arc<Shared>, id: usize) {
             return;
         }
         let limit = match behaviour {
-            Behaviour::CloseAfter(n) | Behaviour::StopReading(n, _) => Some(n),
+            Behaviour::CloseAfter(n) | Behaviour::ResetAfter(n) | Behaviour::StopReading(n, _) => {
+                Some(n)
+            }
             _ => None,
         };
         let mut hasher = Sha256::new();
@@ -317,6 +321,11 @@ fn serve_conn<C: Conn>(conn: C, shared: Arc<Shared>, id: usize) {
         });
         if let Behaviour::StopReading(_, d) = behaviour {
             thread::sleep(d);
+        }
+        if let Behaviour::ResetAfter(_) = behaviour {
+            reset(&w);
+            record(&shared, rec);
+            return;
         }
         rec.complete = complete == BodyEnd::Complete;
         rec.body_sha256 = hex(&hasher.finalize());
@@ -728,4 +737,23 @@ pub fn post_chunked(path: &str, content_type: &str, body: &[u8], chunk: usize) -
 
 pub fn mp(boundary: &str) -> String {
     format!("multipart/form-data; boundary={boundary}")
+}
+
+/// Makes closing `sock` send a reset instead of a FIN (SO_LINGER with a zero timeout); the
+/// caller then drops every handle of it.
+pub fn reset(sock: &impl std::os::fd::AsRawFd) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid descriptor and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
