@@ -179,7 +179,8 @@ start_upstream() {
 
 # start_unpart EXTRA_YAML: starts unpart (threads: 2) in front of $UPSTREAM on two picked
 # ports, with EXTRA_YAML (top-level keys) appended to its configuration; $SPOOL in EXTRA_YAML
-# is not expanded here, the caller expands. Sets LISTEN, ADMIN and UNPART_PID.
+# is not expanded here, the caller expands. RUST_LOG is UNPART_LOG (default info: with the
+# access log). Sets LISTEN, ADMIN and UNPART_PID.
 start_unpart() {
     local extra=$1 _ tpid ok d
     UNPART_PID=""
@@ -199,7 +200,7 @@ grace_period_seconds: 0
 graceful_shutdown_timeout_seconds: 1
 $extra
 EOF
-        RUST_LOG=info timeout -k 10 -s TERM "$LIFETIME" "$REL/unpart" -c "$TMP/unpart.yaml" \
+        RUST_LOG=${UNPART_LOG:-info} timeout -k 10 -s TERM "$LIFETIME" "$REL/unpart" -c "$TMP/unpart.yaml" \
             >/dev/null 2>"$TMP/unpart.log" &
         tpid=$!
         PIDS+=("$tpid")
