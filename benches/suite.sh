@@ -302,9 +302,11 @@ print_env
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "binaries: $REL (unpart built $(date -u -r "$REL/unpart" '+%Y-%m-%d %H:%M UTC'))"
 NGINX_VERSION=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
-WRK_VERSION=$({ "$WRK" -v 2>&1 || true; } | head -n 1 | awk '{ print $1 }')
+WRK_VERSION=$({ "$WRK" -v 2>&1 || true; } | head -n 1 | awk '{ print $1, $2 }')
 echo "servers:  upstream $UPSTREAM (pid $UPSTREAM_PID), nginx $NGINX_ADDR ($NGINX_VERSION, master $NGINX_PID, workers ${NGINX_WORKERS[*]}), unpart $LISTEN (pid $UNPART_PID, threads: 2)"
+KNOBS="SIZE_MB=$SIZE_MB CONC=$CONC CONC_MB=$CONC_MB REPS=$REPS DURATION=$DURATION SMALL_CONC='$SMALL_CONC' SMALL_REPS=$SMALL_REPS WRK_THREADS=$WRK_THREADS SPOOL=$SPOOL SPOOL_DIGESTS=$SPOOL_DIGESTS ACCESS_LOG=$ACCESS_LOG"
 echo "paths:    ${PATHS[*]}"
+echo "knobs:    $KNOBS"
 awk -v l="${LOAD0%% *}" 'BEGIN { exit !(l > 0.5) }' &&
     echo "WARNING:  load average ${LOAD0%% *}: the machine is not quiet, figures will be noisy"
 [ "$(nproc)" = 2 ] || echo "NOTE:     the targets are for a 2-core machine; this one has $(nproc)"
@@ -349,7 +351,7 @@ done
 echo "warm-up:  8 MiB on every path OK"
 
 echo
-echo "== a. 1 upload of $SIZE_MB MiB, $REPS runs per path"
+echo "== a. 1 upload of $SIZE_MB MiB, $REPS run(s) per path"
 SINGLE_SKIP=""
 if [ "$SPOOL" = 1 ] && ! spool_fits "$SIZE_MB"; then
     SINGLE_SKIP=1
@@ -358,7 +360,7 @@ fi
 large single "$SIZE_MB" 1 ${SINGLE_SKIP:+"$SINGLE_SKIP"}
 
 echo
-echo "== b. $CONC concurrent uploads of $CONC_MB MiB each, $REPS runs per path (aggregate MB/s)"
+echo "== b. $CONC concurrent uploads of $CONC_MB MiB each, $REPS run(s) per path (aggregate MB/s)"
 CONC_SKIP=""
 if [ "$SPOOL" = 1 ] && ! spool_fits $((CONC * CONC_MB)); then
     CONC_SKIP=1
@@ -534,9 +536,11 @@ sx() { if [ -z "$1" ] || [ -z "$2" ]; then echo ""; else ratio "$1" "$2"; fi; }
         if [ "$label" = single ]; then what="1 x $SIZE_MB MiB"; else what="$CONC x $CONC_MB MiB"; fi
         target "stream MB/s / nginx MB/s, $what" \
             "$(sx "$(med "$(get "$label/stream/mbs")")" "$(med "$(get "$label/nginx/mbs")")")" ">=" "$TARGET_NGINX_X" x
-        target "stream CPU-s per GiB, $what" "$(med "$(get "$label/stream/cpu")")" "<=" "$TARGET_CPU_GIB" ""
+        m=$(med "$(get "$label/stream/cpu")")
+        target "stream CPU-s per GiB, $what" "$(if [ -n "$m" ]; then fmt %.2f "$m"; fi)" "<=" "$TARGET_CPU_GIB" ""
     done
     for p in stream spool; do
+        [ "$p" = spool ] && [ "$SPOOL" = 0 ] && continue
         hw=$(top "$(get "conc/$p/hwm")")
         target "unpart ($p) peak RSS, $CONC concurrent uploads" "$(if [ -n "$hw" ]; then mib "$hw"; fi)" "<=" "$TARGET_RSS_MIB" " MiB"
     done
@@ -560,7 +564,7 @@ md_table() {
         if (NR == 1) { line = "|"; for (i = 1; i <= NF; i++) line = line "---|"; print line } }' "$1"
 }
 
-NOTES="Accounting: MB/s is multipart body bytes / 10^6 / wall seconds (first connect to last response), median of $REPS; CPU is user+system seconds of the proxy per GiB (2^30) of multipart body, median; peak RSS is VmHWM reset before each run$([ "$HWM_RESET" = 1 ] || echo ' (the reset FAILED: peaks cover earlier runs too)'), highest of the runs. nginx: CPU of the master and both workers, peak RSS of the two workers summed (the master, idle, had $NGINX_MASTER_RSS MiB). Small forms: wrk over keep-alive connections, $WRK_THREADS threads at most, ${DURATION} s per run, median of $SMALL_REPS; CPU in microseconds per request. Access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on in both nginx and unpart (files in the temp directory)" || echo "off in both nginx and unpart (RUST_LOG=info,access=off)")."
+NOTES="Accounting: MB/s is multipart body bytes / 10^6 / wall seconds (first connect to last response), median of $REPS; CPU is user+system seconds of the proxy per GiB (2^30) of multipart body, median (read in ticks of $(awk -v t="$TCK" 'BEGIN { print 1000 / t }') ms: coarse for small runs); peak RSS is VmHWM reset before each run$([ "$HWM_RESET" = 1 ] || echo ' (the reset FAILED: peaks cover earlier runs too)'), highest of the runs. nginx: CPU of the master and both workers, peak RSS of the two workers summed (the master, idle, had $NGINX_MASTER_RSS MiB). Small forms: wrk over keep-alive connections, $WRK_THREADS threads at most, ${DURATION} s per run, median of $SMALL_REPS; CPU in microseconds per request. Access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on in both nginx and unpart (files in the temp directory)" || echo "off in both nginx and unpart (RUST_LOG=info,access=off)")."
 
 echo
 echo "== large uploads"
@@ -581,7 +585,8 @@ echo "load average: $LOAD0 at the start, $LOAD1 at the end"
     echo "\`bash benches/suite.sh\` on $(date -u '+%Y-%m-%d'): $(nproc) CPUs, $(uname -sr), load $LOAD0 at the start and $LOAD1 at the end;"
     echo "commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), unpart release build with \`threads: 2\`, $NGINX_VERSION with"
     echo "\`worker_processes 2\`, \`proxy_request_buffering off\`, \`client_body_buffer_size 1m\`, keep-alive upstream; $WRK_VERSION."
-    echo "Paths: direct (client to the counting upstream), nginx, unpart stream, unpart spool (digests: $SPOOL_DIGESTS)."
+    echo "Paths: direct (client to the counting upstream), nginx, unpart stream$([ "$SPOOL" = 1 ] && echo ", unpart spool (digests: $SPOOL_DIGESTS)")."
+    echo "Settings: \`$KNOBS\`."
     echo
     echo "Large uploads (examples/upload_client, Content-Length, one field then the file):"
     echo
