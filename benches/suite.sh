@@ -41,7 +41,8 @@
 # nginx's and unpart's access logs (default: both off), OUT, REQ_TIMEOUT
 # (seconds per upload_client run, default 600), LIFETIME (seconds the servers may live,
 # default 7200), BUILD=0 to skip the build, REL=DIR for binaries built elsewhere.
-# nginx and wrk are installed with apt-get when missing. The spool path needs free space in
+# nginx and wrk are installed with apt-get when missing (on a systemd host Debian's package
+# also starts its own nginx.service on port 80: idle, not used, left alone). The spool path needs free space in
 # ${TMPDIR:-/tmp} for all concurrent files (CONC x CONC_MB); without it that phase skips spool.
 # Everything binds 127.0.0.1; every wait is bounded; a trap stops everything the script
 # started (by PID) and removes its temp directory on exit, error or Ctrl-C.
