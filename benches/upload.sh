@@ -25,7 +25,8 @@
 #
 # Each measurement is REPS (default 3) alternating direct/unpart runs; the median counts.
 # Environment: SIZE_MB, CONC, CONC_MB, REPS, REQ_TIMEOUT (seconds per client run, default 600),
-# LIFETIME (seconds the servers may live at most, default 3600), BUILD=0 to skip the build.
+# LIFETIME (seconds the servers may live at most, default 3600), BUILD=0 to skip the build,
+# REL=DIR to take the binaries from DIR instead of target/release. Helpers: benches/lib.sh.
 # Everything binds 127.0.0.1; every wait is bounded; a trap stops everything it started and
 # removes its temp directory on exit, error or Ctrl-C.
 
@@ -42,215 +43,26 @@ TARGET_RATIO=0.9
 TARGET_RSS_MIB=32
 # nginx-upload-module (parse, hash, store) on this machine kind: the top of DESIGN.md's range.
 NGINX_UPLOAD_MB_S=220
-for v in SIZE_MB CONC CONC_MB REPS REQ_TIMEOUT LIFETIME; do
-    if ! [[ ${!v} =~ ^[1-9][0-9]*$ ]]; then
-        echo "upload.sh: $v must be a positive integer, not '${!v}'" >&2
-        exit 2
-    fi
-done
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ROOT=$(pwd)
-REL="$ROOT/target/release"
+# shellcheck source=benches/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init upload.sh
+need_posint SIZE_MB CONC CONC_MB REPS REQ_TIMEOUT LIFETIME
+[[ $BUILD =~ ^[01]$ ]] || { echo "$ME: BUILD must be 0 or 1" >&2; exit 2; }
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/unpart-bench.XXXXXX")
-PIDS=()        # the servers' `timeout` wrappers, alive until cleanup
-CLIENT_PID=""  # the client run in progress, if any
-UNPART_PID=""
-UPSTREAM_PID=""
-
-alive() {
-    local p
-    for p in "$@"; do
-        kill -0 "$p" 2>/dev/null && return 0
-    done
-    return 1
-}
-# Stops the given PIDs: TERM, up to 10 s to exit, then KILL. Only PIDs this script started.
-stop() {
-    local p i
-    for p in "$@"; do
-        kill "$p" 2>/dev/null || true
-    done
-    for i in $(seq 1 100); do
-        alive "$@" || break
-        sleep 0.1
-    done
-    for p in "$@"; do
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    local all=()
-    [ -n "$CLIENT_PID" ] && all+=("$CLIENT_PID")
-    # The servers' children first: a KILLed `timeout` would leave its child running.
-    [ -n "$UNPART_PID" ] && all+=("$UNPART_PID")
-    [ -n "$UPSTREAM_PID" ] && all+=("$UPSTREAM_PID")
-    all+=("${PIDS[@]}")
-    [ "${#all[@]}" -gt 0 ] && stop "${all[@]}"
-    rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-die() {
-    echo "upload.sh: $*" >&2
-    for f in "$TMP"/*.log; do
-        [ -f "$f" ] || continue
-        echo "--- tail of $(basename "$f")" >&2
-        tail -n 20 "$f" >&2
-    done
-    exit 1
-}
-
-# Seconds since the epoch with fractions, for deadlines.
-now() { date +%s.%N; }
-before() { awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
-deadline() { awk -v a="$(now)" -v s="$1" 'BEGIN { printf "%.3f", a + s }'; }
-
-# The PID of the only child of $1 (the server that `timeout` runs), waiting up to 5 s.
-child_of() {
-    local d c
-    d=$(deadline 5)
-    while before "$d"; do
-        c=$(ps -o pid= --ppid "$1" | tr -d ' ' | head -n 1) || true
-        if [ -n "$c" ]; then
-            echo "$c"
-            return 0
-        fi
-        sleep 0.05
-    done
-    return 1
-}
-
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# A port below the kernel's ephemeral range that nothing listens on.
-pick_port() {
-    local p i
-    for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 12000))
-        if ! port_in_use "$p"; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
-kib_of() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
-mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-# user+system CPU seconds of a process.
-cpu_s() {
-    local tck
-    tck=$(getconf CLK_TCK)
-    sed 's/.*) //' "/proc/$1/stat" | awk -v t="$tck" '{ printf "%.2f", ($12 + $13) / t }'
-}
-
-field() { tr ' ' '\n' <"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
-
-# run_client NAME ADDR SIZE_MB CONC EXPECT [ARGS...]: runs one client, output in $TMP/NAME.out.
-run_client() {
-    local name=$1 addr=$2 size=$3 conc=$4 expect=$5
-    shift 5
-    timeout -s TERM "$REQ_TIMEOUT" "$REL/examples/upload_client" --addr "$addr" \
-        --size-mb "$size" --conc "$conc" --expect "$expect" --timeout 60 "$@" \
-        >"$TMP/$name.out" 2>"$TMP/$name.log" &
-    CLIENT_PID=$!
-    if ! wait "$CLIENT_PID"; then
-        CLIENT_PID=""
-        die "client run '$name' failed or ran out of its ${REQ_TIMEOUT} s: $(cat "$TMP/$name.log")"
-    fi
-    CLIENT_PID=""
-}
-
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-    END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-lowest() { printf '%s\n' "$@" | sort -g | head -n 1; }
-highest() { printf '%s\n' "$@" | sort -g | tail -n 1; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-verdict() { awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN {
-    ok = (op == ">=") ? (a >= b) : (a <= b); print ok ? "MET" : "NOT MET" }'; }
-
-# ---------------------------------------------------------------------------------------------
-if [ "$BUILD" = 1 ]; then
-    echo "building release binaries (cargo build --release --examples --bins) ..."
-    timeout 1800 cargo build --release --examples --bins >"$TMP/build.log" 2>&1 ||
-        die "cargo build failed"
-fi
-for b in unpart examples/count_upstream examples/upload_client; do
-    [ -x "$REL/$b" ] || die "missing $REL/$b (run without BUILD=0)"
-done
-
-# The counting upstream picks its own port and writes it down.
-timeout -k 10 -s TERM "$LIFETIME" "$REL/examples/count_upstream" --listen 127.0.0.1:0 \
-    --port-file "$TMP/upstream.port" 2>"$TMP/upstream.log" &
-PIDS+=("$!")
-UPSTREAM_PID=$(child_of "$!") || die "count_upstream did not start"
-d=$(deadline 10)
-until [ -s "$TMP/upstream.port" ]; do
-    before "$d" || die "count_upstream did not start"
-    sleep 0.05
-done
-UPSTREAM="127.0.0.1:$(cat "$TMP/upstream.port")"
-
-# unpart on two picked ports; a lost race to bind shows as an early exit: try again.
-for attempt in 1 2 3 4 5; do
-    LISTEN="127.0.0.1:$(pick_port)" || die "no free port"
-    ADMIN="127.0.0.1:$(pick_port)" || die "no free port"
-    [ "$LISTEN" != "$ADMIN" ] || continue
-    cat >"$TMP/unpart.yaml" <<EOF
-listen: $LISTEN
-admin: $ADMIN
-upstream: $UPSTREAM
-threads: 2
-pid_file: $TMP/unpart.pid
-upgrade_sock: $TMP/upgrade.sock
-grace_period_seconds: 0
-graceful_shutdown_timeout_seconds: 1
-h2c: true
+build_release --examples --bins
+start_upstream
+start_unpart "h2c: true
 routes:
   - prefix: /spool/
     mode: spool
 spool:
   dir: $TMP/spool
   max_total_bytes: 0
-  digests: [sha256]
-EOF
-    RUST_LOG=info timeout -k 10 -s TERM "$LIFETIME" "$REL/unpart" -c "$TMP/unpart.yaml" \
-        >/dev/null 2>"$TMP/unpart.log" &
-    tpid=$!
-    PIDS+=("$tpid")
-    # An early exit is most likely a lost race for a port: try again with others.
-    UNPART_PID=$(child_of "$tpid") || UNPART_PID=""
-    ok=0
-    d=$(deadline 15)
-    while [ -n "$UNPART_PID" ] && before "$d" && kill -0 "$UNPART_PID" 2>/dev/null; do
-        if curl -sf --max-time 1 "http://$ADMIN/healthz" >/dev/null 2>&1 &&
-            port_in_use "${LISTEN#*:}"; then
-            ok=1
-            break
-        fi
-        sleep 0.05
-    done
-    [ "$ok" = 1 ] && break
-    stop ${UNPART_PID:+"$UNPART_PID"} "$tpid"
-    unset 'PIDS[${#PIDS[@]}-1]'
-    UNPART_PID=""
-done
-[ -n "$UNPART_PID" ] || die "unpart did not become healthy"
+  digests: [sha256]"
 
 echo "== unpart upload benchmark (issue #2)"
-echo "date:     $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "host:     $(nproc) CPUs, $(uname -sr), $(awk '/MemTotal/ { printf "%.1f GiB RAM", $2/1048576 }' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
-changed=$(git -C "$ROOT" diff --name-only HEAD -- src Cargo.toml Cargo.lock 2>/dev/null | tr '\n' ' ')
-echo "commit:   $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)${changed:+ + uncommitted changes in: $changed}"
+print_env
 echo "unpart:   $REL/unpart (release), threads: 2, pid $UNPART_PID, listen $LISTEN, upstream $UPSTREAM"
 echo "client:   examples/upload_client, Content-Length framing, 1 field + file, 1 MiB writes"
 echo "MB/s = multipart body bytes / 10^6 / wall seconds (connect .. end of response)"
@@ -337,7 +149,7 @@ echo "unpart CPU (user+sys) per run: ${spcpu[*]} s"
 echo "written to disk per run: ${spdisk[*]} MiB (file: $SIZE_MB MiB)"
 echo "peak RSS during spool runs (VmHWM): $sphwm MiB"
 echo "vs nginx-upload-module's $NGINX_UPLOAD_MB_S MB/s: ${spr} x"
-ls -A "$TMP/spool" | grep -q . && die "spool directory not empty after the runs"
+[ -z "$(ls -A "$TMP/spool")" ] || die "spool directory not empty after the runs"
 
 # e. HTTP/2 against HTTP/1.1, same client (curl), same unpart.
 echo
@@ -347,9 +159,10 @@ curl_mb_s() {
     local out
     out=$(timeout "$REQ_TIMEOUT" curl -sS "$@" -o /dev/null -w '%{http_code} %{size_upload} %{time_total}' \
         -F title=bench -F "file=@$TMP/h2.bin" "http://$LISTEN/upload") || die "curl $* failed"
-    set -- $out
-    [ "$1" = 200 ] || die "curl got $1"
-    awk -v b="$2" -v t="$3" 'BEGIN { printf "%.1f", b / 1e6 / t }'
+    local code up secs
+    read -r code up secs <<<"$out"
+    [ "$code" = 200 ] || die "curl got $code"
+    awk -v b="$up" -v t="$secs" 'BEGIN { printf "%.1f", b / 1e6 / t }'
 }
 h1=() h2=()
 for i in $(seq 1 "$REPS"); do
