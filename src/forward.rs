@@ -54,6 +54,52 @@ impl From<Reject> for Failure {
 pub struct Upstream {
     http: HttpSession,
     peer: HttpPeer,
+    /// TCP_CORK is set on the socket (see `cork`).
+    corked: bool,
+}
+
+impl Upstream {
+    /// Holds what is written next until `uncork`.
+    fn cork(&mut self) {
+        if !self.corked {
+            self.corked = cork(&self.http, true);
+        }
+    }
+
+    /// Lets what was written so far leave now. Called before waiting for anything (the
+    /// client's next bytes, the backend's answer), so nothing is ever held back while unpart
+    /// waits; a no-op once done.
+    pub fn uncork(&mut self) {
+        if self.corked {
+            self.corked = false;
+            cork(&self.http, false);
+        }
+    }
+}
+
+/// pingora flushes after the request head, after every body chunk and after the last chunk:
+/// three sends, and on loopback each one runs the whole TCP transmit path and wakes the
+/// backend. For a small form, which is all in hand at once, that was most of unpart's CPU
+/// per request. With TCP_CORK the three writes go out as one segment when uncorked (and the
+/// kernel sends anyway after 200 ms). Best effort: any failure only costs the coalescing.
+fn cork(http: &HttpSession, on: bool) -> bool {
+    let Some(stream) = http.stream() else {
+        return false;
+    };
+    let fd = stream.id();
+    let v: libc::c_int = on.into();
+    // SAFETY: setsockopt on the upstream socket's descriptor with a correctly sized int;
+    // a Unix socket or an old kernel just returns an error.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
 }
 
 #[derive(Clone, Copy)]
@@ -88,10 +134,11 @@ impl Backend<'_> {
             let t = &self.settings.timeouts;
             http.set_read_timeout(Some(t.upstream_read.0));
             http.set_write_timeout(Some(t.upstream_write.0));
+            let corked = cork(&http, true);
             match http.write_request_header(Box::new(head.clone())).await {
                 Ok(()) => {
                     stats.upstream_sent = Some(Instant::now());
-                    return Ok(Upstream { http, peer });
+                    return Ok(Upstream { http, peer, corked });
                 }
                 Err(e) if reused && attempt == 0 => {
                     log::debug!("pooled upstream connection failed, reconnecting: {e}");
@@ -111,6 +158,7 @@ impl Backend<'_> {
         data: Bytes,
         stats: &mut Stats,
     ) -> Result<Upstream, Failure> {
+        up.cork();
         match up.http.write_request_body(data, false).await {
             Ok(_) => Ok(up),
             Err(e) => Err(self.write_failed(session, up, e, stats).await),
@@ -125,7 +173,9 @@ impl Backend<'_> {
         mut up: Upstream,
         stats: &mut Stats,
     ) -> Result<(), Failure> {
-        if let Err(e) = up.http.finish_request_body().await {
+        let finished = up.http.finish_request_body().await;
+        up.uncork();
+        if let Err(e) = finished {
             return Err(self.write_failed(session, up, e, stats).await);
         }
         self.relay(session, up, true, stats).await
@@ -141,6 +191,7 @@ impl Backend<'_> {
         stats: &mut Stats,
     ) -> Failure {
         log::debug!("upstream write failed: {e}");
+        up.uncork();
         let early =
             tokio::time::timeout(Duration::from_secs(1), up.http.read_response_header()).await;
         if matches!(early, Ok(Ok(())))
@@ -165,10 +216,11 @@ impl Backend<'_> {
     async fn relay(
         &self,
         session: &mut Session,
-        up: Upstream,
+        mut up: Upstream,
         reuse: bool,
         stats: &mut Stats,
     ) -> Result<(), Failure> {
+        up.uncork();
         let mut up = Some(up);
         let head = loop {
             let http = &mut up.as_mut().expect("held until released").http;

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod multipart;
 pub mod pace;
 pub mod proxy;
+pub mod reader;
 pub mod reject;
 pub mod rewrite;
 pub mod spool;

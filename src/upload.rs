@@ -21,11 +21,10 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 
 use crate::answer;
-use crate::body::{from_pingora, BodyError, ClientBody};
 use crate::config::{FramingMode, LengthFallback, Limits, Mode, Route, Settings};
 use crate::forward::{Backend, Failure, Stats, Upstream};
 use crate::multipart::{classify, Event, Parser, ParserLimits, PartKind};
-use crate::pace::Pace;
+use crate::reader::{self, ClientReader};
 use crate::reject::Reject;
 use crate::rewrite::{self, FormHeaders, Framing};
 use crate::spool::{SpoolDir, SpoolError, SpoolWriter};
@@ -69,12 +68,9 @@ pub struct Upload<'a> {
     file_type: Option<Vec<u8>>,
     current: Current,
     sink: Sink,
-    body: ClientBody,
-    pace: Pace,
+    reader: ClientReader,
     /// The client's body has been read to its end.
     pub client_done: bool,
-    /// An HTTP/2 read that was coalescing saw the end of the body: the next read says so.
-    client_ended: bool,
     pub stats: Stats,
 }
 
@@ -110,13 +106,8 @@ impl<'a> Upload<'a> {
             file_type: None,
             current: Current::Between,
             sink: Sink::None,
-            body: ClientBody::pingora(settings.timeouts.client_body_idle.0),
-            pace: Pace::new(
-                settings.timeouts.client_body_min_rate.0,
-                settings.timeouts.client_body_idle.0,
-            ),
+            reader: ClientReader::new(&settings.timeouts),
             client_done: false,
-            client_ended: false,
             stats: Stats::default(),
         }
     }
@@ -133,8 +124,7 @@ impl<'a> Upload<'a> {
 
     async fn run_inner(&mut self, session: &mut Session) -> Result<(), Failure> {
         // Before anything touches pingora's body reader, `100 Continue` included.
-        let idle = self.backend.settings.timeouts.client_body_idle.0;
-        self.body = ClientBody::prepare(session, idle);
+        self.reader.prepare(session);
         if self.route.mode == Mode::Stream
             && self.route.framing == FramingMode::Length
             && self.route.length_fallback == LengthFallback::Reject
@@ -154,7 +144,19 @@ impl<'a> Upload<'a> {
                 .map_err(|e| Failure::Client(e.to_string()))?;
         }
         while !self.client_done {
-            match self.read_client(session).await? {
+            let next = {
+                let mut read = std::pin::pin!(self.reader.read(session));
+                match reader::poll_now(read.as_mut()) {
+                    Some(r) => r,
+                    None => {
+                        // Nothing in hand: what is corked upstream leaves before unpart
+                        // waits. A small form, all in hand, goes out as one segment.
+                        uncork(&mut self.sink);
+                        read.await
+                    }
+                }
+            };
+            match next? {
                 Some(b) => {
                     self.stats.bytes_in += b.len() as u64;
                     self.parser.push(b);
@@ -184,83 +186,9 @@ impl<'a> Upload<'a> {
         Ok(())
     }
 
-    /// The next piece of the client's body, held to the minimum rate.
-    async fn read_client(&mut self, session: &mut Session) -> Result<Option<Bytes>, Failure> {
-        let start = std::time::Instant::now();
-        let r = self.read_client_raw(session).await?;
-        let n = r.as_ref().map_or(0, Bytes::len);
-        if let Err(rate) = self.pace.record(n, start.elapsed()) {
-            let min = self.backend.settings.timeouts.client_body_min_rate.0;
-            return Err(Reject::client_too_slow(rate, min).into());
-        }
-        Ok(r)
-    }
-
-    /// For HTTP/1 the idle timeout is pingora's own read timeout (set in
-    /// `early_request_filter`); pingora's HTTP/2 reads have none, so it is applied here (an
-    /// HTTP/2 read is cancel-safe).
-    async fn read_client_raw(&mut self, session: &mut Session) -> Result<Option<Bytes>, Failure> {
-        let idle = self.backend.settings.timeouts.client_body_idle.0;
-        let r = if !session.as_downstream().is_http2() {
-            self.body.read(session).await
-        } else if self.client_ended {
-            Ok(None)
-        } else {
-            match tokio::time::timeout(idle, session.read_request_body()).await {
-                Ok(r) => r.map_err(from_pingora),
-                Err(_) => Err(BodyError::Idle),
-            }
-        };
-        match r {
-            Ok(Some(b)) if session.as_downstream().is_http2() => self.coalesce(session, b),
-            Ok(chunk) => Ok(chunk),
-            Err(BodyError::Idle) => Err(Reject::client_timeout(idle.as_secs_f64()).into()),
-            Err(BodyError::Closed(why)) => {
-                log::debug!("{why}");
-                Err(Reject::incomplete_body().into())
-            }
-            Err(BodyError::Client(why)) => Err(Failure::Client(why)),
-        }
-    }
-
     /// Answers with a rejection, draining through this upload's body reader.
     pub async fn respond(&mut self, session: &mut Session, r: &Reject) {
-        answer::respond_with(session, r, self.client_done, Some(&mut self.body)).await;
-    }
-
-    /// HTTP/2 clients send 16 KiB frames; one upstream chunk (and syscall) per frame ran at a
-    /// third of HTTP/1.1's speed. Frames that are already buffered are joined, up to
-    /// `COALESCE` bytes, without ever waiting for more: when unpart keeps up nothing is
-    /// delayed, and when it falls behind it writes bigger pieces.
-    fn coalesce(&mut self, session: &mut Session, first: Bytes) -> Result<Option<Bytes>, Failure> {
-        const COALESCE: usize = 256 * 1024;
-        if first.len() >= COALESCE {
-            return Ok(Some(first));
-        }
-        let mut joined: Option<bytes::BytesMut> = None;
-        loop {
-            let len = joined.as_ref().map_or(first.len(), |j| j.len());
-            if len >= COALESCE {
-                break;
-            }
-            let next = match poll_once(session.read_request_body()) {
-                None => break,
-                Some(Ok(Some(b))) => b,
-                Some(Ok(None)) => {
-                    self.client_ended = true;
-                    break;
-                }
-                Some(Err(e)) => return Err(Failure::Client(e.to_string())),
-            };
-            joined
-                .get_or_insert_with(|| {
-                    let mut j = bytes::BytesMut::with_capacity(COALESCE);
-                    j.extend_from_slice(&first);
-                    j
-                })
-                .extend_from_slice(&next);
-        }
-        Ok(Some(joined.map_or(first, bytes::BytesMut::freeze)))
+        answer::respond_with(session, r, self.client_done, Some(self.reader.body())).await;
     }
 
     async fn on_event(&mut self, session: &mut Session, ev: Event) -> Result<(), Failure> {
@@ -506,17 +434,6 @@ impl<'a> Upload<'a> {
     }
 }
 
-/// Polls a future once: its output if it is ready now, `None` (and the future dropped)
-/// otherwise. Only for cancel-safe futures.
-fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match f.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
-    }
-}
-
 /// The client's Content-Length, when its body is framed by one.
 fn client_length(session: &Session) -> Option<u64> {
     crate::body::content_length(session.req_header())
@@ -537,5 +454,14 @@ fn spool_reject(e: SpoolError) -> Reject {
                 Reject::spool_failed(&e)
             }
         }
+    }
+}
+
+/// Lets corked upstream writes leave: called before unpart waits for the client.
+fn uncork(sink: &mut Sink) {
+    match sink {
+        Sink::Chunked(up) => up.uncork(),
+        Sink::Length(Held { up: Some(up), .. }) => up.uncork(),
+        _ => {}
     }
 }

@@ -596,6 +596,21 @@ fn slow_and_idle_clients_hit_their_timeouts_and_leave_nothing() {
         held >= Duration::from_millis(1500) && held < Duration::from_secs(6),
         "idle keep-alive connection closed after {held:?}"
     );
+    // The bound never turns keep-alive on for a client that asked for close.
+    let mut s = TcpStream::connect(&u.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&post(
+        "/stream/up",
+        &mp(B),
+        &b.bytes,
+        "Connection: close\r\n",
+    ))
+    .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    assert_eq!(read_response(&mut r).unwrap().status, 200);
+    let closed_from = Instant::now();
+    assert_eq!(r.read_to_end(&mut rest).expect("closed"), 0);
+    assert!(closed_from.elapsed() < Duration::from_secs(1));
     up.take();
     back_to(&u, &base, "after slow and idle clients");
 }
