@@ -51,7 +51,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let spool = if settings.spools() {
-        match spool::SpoolDir::prepare(&settings.spool) {
+        let prepared = spool::SpoolDir::prepare(&settings.spool).and_then(|d| {
+            if let Some(user) = &conf.user {
+                d.hand_over(user, conf.group.as_deref())?;
+            }
+            Ok(d)
+        });
+        match prepared {
             Ok(d) => Some(Arc::new(d)),
             Err(e) => {
                 eprintln!(

@@ -79,6 +79,37 @@ impl SpoolDir {
         Ok(d)
     }
 
+    /// Gives the directory to `user` (and `group`, else the user's own group) when unpart
+    /// starts as root: pingora drops to that user after startup (`-d` with `user:`), and a
+    /// directory left to root (0700) would fail every spooled upload. Runs before any thread
+    /// is started, which `getpwnam` and `getgrnam` need.
+    pub fn hand_over(&self, user: &str, group: Option<&str>) -> io::Result<()> {
+        // SAFETY: plain getter.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(());
+        }
+        let cstr = |s: &str| std::ffi::CString::new(s).map_err(io::Error::other);
+        let user_c = cstr(user)?;
+        // SAFETY: a valid C string; the result points to static storage read at once.
+        let pw = unsafe { libc::getpwnam(user_c.as_ptr()) };
+        if pw.is_null() {
+            return Err(io::Error::other(format!("no user `{user}`")));
+        }
+        // SAFETY: non-null, just returned by getpwnam.
+        let (uid, mut gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        if let Some(group) = group {
+            let group_c = cstr(group)?;
+            // SAFETY: as above, with getgrnam.
+            let gr = unsafe { libc::getgrnam(group_c.as_ptr()) };
+            if gr.is_null() {
+                return Err(io::Error::other(format!("no group `{group}`")));
+            }
+            // SAFETY: non-null, just returned by getgrnam.
+            gid = unsafe { (*gr).gr_gid };
+        }
+        std::os::unix::fs::chown(&self.dir, Some(uid), Some(gid))
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
