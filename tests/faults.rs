@@ -434,6 +434,7 @@ fn clients_vanishing_at_every_offset_never_complete_upstream_and_leave_nothing()
         }
     }
     assert!(cases >= 100, "only {cases} offsets");
+    eprintln!("{cases} cut points");
     assert!(!statuses.is_empty());
     assert_none_complete(&up, "client cut");
     back_to(&u, &base, "after the client cuts");
