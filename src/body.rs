@@ -50,8 +50,14 @@ pub const MAX_READ: usize = 1 << 20;
 pub const MIN_READ: usize = 64 << 10;
 /// Read buffer bytes shared by all uploads reading directly at the same time: each read of an
 /// upload is at most `READ_BUDGET / active`, within [`MIN_READ`]..=[`MAX_READ`], and its buffer
-/// is replaced when that size halves or doubles.
+/// is replaced when that size halves or doubles. A new buffer never takes the total past the
+/// budget (beyond [`MIN_READ`] each): when 64 uploads start at once, the first ones would
+/// otherwise size theirs for a quieter moment (1 MiB, 512 KiB, ...) and the peak would be
+/// several budgets until they shrink.
 pub const READ_BUDGET: usize = 4 << 20;
+
+/// Buffer bytes the direct readers hold now.
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Uploads currently reading directly (for the buffer size).
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
@@ -83,32 +89,43 @@ struct Direct {
     /// A second descriptor of the client's socket, registered with tokio for reading.
     sock: TcpStream,
     buf: BytesMut,
-    /// The size `buf` was allocated with.
-    alloc: usize,
     /// Middle bytes still to read.
     left: u64,
     /// Bytes pingora's reader reads after the middle.
     tail: u64,
-    _active: ActiveGuard,
+    /// This reader's share of the budget: the size `buf` was allocated with.
+    share: Share,
 }
 
-/// Counts one direct reader while it lives.
-struct ActiveGuard;
+/// Counts one direct reader, and the buffer bytes it holds, while it lives.
+struct Share {
+    alloc: usize,
+}
 
-impl ActiveGuard {
-    fn new() -> ActiveGuard {
+impl Share {
+    fn new() -> Share {
         ACTIVE.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard
+        Share { alloc: 0 }
+    }
+
+    /// The read size for this reader now: its fair part of the budget, limited by what the
+    /// others hold.
+    fn read_size(&self) -> usize {
+        let fair = (READ_BUDGET / ACTIVE.load(Ordering::Relaxed).max(1)).clamp(MIN_READ, MAX_READ);
+        let others = ALLOCATED.load(Ordering::Relaxed).saturating_sub(self.alloc);
+        fair.min(READ_BUDGET.saturating_sub(others)).max(MIN_READ)
+    }
+
+    fn resize(&mut self, size: usize) {
+        ALLOCATED.fetch_add(size, Ordering::Relaxed);
+        ALLOCATED.fetch_sub(self.alloc, Ordering::Relaxed);
+        self.alloc = size;
     }
 }
 
-/// The read size for each direct reader now.
-fn read_size() -> usize {
-    (READ_BUDGET / ACTIVE.load(Ordering::Relaxed).max(1)).clamp(MIN_READ, MAX_READ)
-}
-
-impl Drop for ActiveGuard {
+impl Drop for Share {
     fn drop(&mut self) {
+        ALLOCATED.fetch_sub(self.alloc, Ordering::Relaxed);
         ACTIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -246,13 +263,13 @@ impl ClientBody {
 
 /// One read of the middle, of at most the buffer's size and never past the middle's end.
 async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError> {
-    let size = read_size();
-    if size >= 2 * d.alloc || 2 * size <= d.alloc {
+    let size = d.share.read_size();
+    if size >= 2 * d.share.alloc || 2 * size <= d.share.alloc {
         // The previous buffer goes when its last piece is dropped.
         d.buf = BytesMut::with_capacity(size);
-        d.alloc = size;
+        d.share.resize(size);
     }
-    let want = (d.alloc as u64).min(d.left) as usize;
+    let want = (d.share.alloc as u64).min(d.left) as usize;
     // Reclaims the allocation when the previous piece has been dropped (it has, unless the
     // backend write still holds it), so one buffer serves the whole body.
     d.buf.reserve(want);
@@ -312,16 +329,15 @@ fn plan(session: &mut Session) -> Option<(u64, Box<Direct>)> {
     if done {
         return None;
     }
-    let guard = ActiveGuard::new();
+    let share = Share::new();
     Some((
         head,
         Box::new(Direct {
             sock,
             buf: BytesMut::new(),
-            alloc: 0,
             left: cl - head,
             tail: 0,
-            _active: guard,
+            share,
         }),
     ))
 }
@@ -419,14 +435,30 @@ mod tests {
         }
     }
 
+    // One test: the counters are process-wide.
     #[test]
-    fn buffer_size_shrinks_with_more_readers() {
-        let a = ActiveGuard::new();
-        assert!((MIN_READ..=MAX_READ).contains(&read_size()));
-        let many: Vec<_> = (0..100).map(|_| ActiveGuard::new()).collect();
-        assert_eq!(read_size(), MIN_READ);
+    fn buffer_sizes_share_the_budget() {
+        let a = Share::new();
+        assert_eq!(a.read_size(), READ_BUDGET.clamp(MIN_READ, MAX_READ));
+        let many: Vec<_> = (0..100).map(|_| Share::new()).collect();
+        assert_eq!(a.read_size(), MIN_READ);
         drop(many);
-        assert_eq!(read_size(), READ_BUDGET.clamp(MIN_READ, MAX_READ));
+        // Readers that sized their buffers while alone keep the budget until they shrink:
+        // a newcomer gets the smallest buffer, not a fair share on top of theirs.
+        let mut early: Vec<_> = (0..4).map(|_| Share::new()).collect();
+        for s in &mut early {
+            s.resize(MAX_READ);
+        }
+        let late = Share::new();
+        assert_eq!(late.read_size(), MIN_READ);
+        drop(early);
+        assert_eq!(
+            late.read_size(),
+            (READ_BUDGET / 2).clamp(MIN_READ, MAX_READ)
+        );
+        drop(late);
         drop(a);
+        assert_eq!(ALLOCATED.load(Ordering::Relaxed), 0);
+        assert_eq!(ACTIVE.load(Ordering::Relaxed), 0);
     }
 }
