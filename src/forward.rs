@@ -56,12 +56,14 @@ pub struct Upstream {
     peer: HttpPeer,
     /// TCP_CORK is set on the socket (see `cork`).
     corked: bool,
+    /// The socket takes TCP_CORK (a Unix socket does not).
+    can_cork: bool,
 }
 
 impl Upstream {
     /// Holds what is written next until `uncork`.
     fn cork(&mut self) {
-        if !self.corked {
+        if self.can_cork && !self.corked {
             self.corked = cork(&self.http, true);
         }
     }
@@ -138,7 +140,12 @@ impl Backend<'_> {
             match http.write_request_header(Box::new(head.clone())).await {
                 Ok(()) => {
                     stats.upstream_sent = Some(Instant::now());
-                    return Ok(Upstream { http, peer, corked });
+                    return Ok(Upstream {
+                        http,
+                        peer,
+                        corked,
+                        can_cork: corked,
+                    });
                 }
                 Err(e) if reused && attempt == 0 => {
                     log::debug!("pooled upstream connection failed, reconnecting: {e}");
