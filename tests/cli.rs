@@ -17,12 +17,31 @@ fn unpart(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn conf(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("unpart-cli-{}", std::process::id()));
+/// A config file in a directory of its own, removed on drop.
+struct Conf(std::path::PathBuf);
+
+impl Conf {
+    fn to_str(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl Drop for Conf {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn conf(name: &str, text: &str) -> Conf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("unpart-cli-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
-    p
+    Conf(p)
 }
 
 #[test]
