@@ -189,60 +189,88 @@ fn access_log_has_one_line_per_request() {
     }
 }
 
+/// unpart started with `-d` on ephemeral ports, in a temp dir of its own (`{d}` in `extra`);
+/// killed, and the dir removed, on drop.
+struct Daemon {
+    dir: std::path::PathBuf,
+    listen: String,
+    pid: i32,
+}
+
+impl Daemon {
+    /// `open_dir`: make the dir writable by anyone, for a daemon that drops privileges.
+    fn start(upstream: &str, tag: &str, extra: &str, open_dir: bool) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("unpart-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if open_dir {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .to_string()
+        };
+        let (listen, admin) = (port(), port());
+        let pid_file = dir.join("unpart.pid");
+        let conf = dir.join("d.yaml");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: {listen}\nadmin: {admin}\nupstream: {upstream}\npid_file: {}\nupgrade_sock: {d}/u.sock\n{}",
+                pid_file.display(),
+                extra.replace("{d}", &dir.display().to_string()),
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        // -d: the command returns while the daemon keeps serving. The daemon keeps its
+        // standard streams, so they must not be pipes this test waits on.
+        let status = Command::new(env!("CARGO_BIN_EXE_unpart"))
+            .args(["-d", "-c", conf.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run unpart -d");
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + support::TIMEOUT;
+        let mut pid = None;
+        while std::time::Instant::now() < deadline {
+            let ok = support::raw_request(&admin, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+                .is_ok_and(|r| r.status == 200);
+            pid = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok());
+            if ok && pid.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let Some(pid) = pid else {
+            let _ = std::fs::remove_dir_all(&dir);
+            panic!("the daemon wrote no pid file or never became healthy");
+        };
+        Daemon { dir, listen, pid }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn daemon_mode_detaches_and_serves() {
     let up = support::Upstream::start();
-    let dir = std::env::temp_dir().join(format!("unpart-daemon-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = |_| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
-    let (listen, admin) = (port(0), port(1));
-    let pid_file = dir.join("unpart.pid");
-    let conf = dir.join("d.yaml");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen: {listen}\nadmin: {admin}\nupstream: {}\npid_file: {}\nupgrade_sock: {}/u.sock\n",
-            up.addr,
-            pid_file.display(),
-            dir.display()
-        ),
-    )
-    .unwrap();
-    // -d: the command returns while the daemon keeps serving. The daemon keeps its standard
-    // streams, so they must not be pipes this test waits on.
-    let status = Command::new(env!("CARGO_BIN_EXE_unpart"))
-        .args(["-d", "-c", conf.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("run unpart -d");
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + support::TIMEOUT;
-    let mut pid = None;
-    while std::time::Instant::now() < deadline {
-        let ok = support::raw_request(&admin, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            .is_ok_and(|r| r.status == 200);
-        pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok());
-        if ok && pid.is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let pid = pid.expect("daemon wrote its pid file");
-    let resp = support::raw_request(&listen, b"GET /d HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-    let _ = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
-    let _ = std::fs::remove_dir_all(&dir);
+    let d = Daemon::start(&up.addr, "daemon", "", false);
+    let resp = support::raw_request(&d.listen, b"GET /d HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
     assert_eq!(resp.status, 200);
 }
 
@@ -250,75 +278,33 @@ fn daemon_mode_detaches_and_serves() {
 /// directory unpart created as root must be handed over, or every spooled upload fails.
 #[test]
 fn a_daemon_that_drops_to_a_user_can_still_spool() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     // SAFETY: a plain getter.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root to drop privileges");
         return;
     }
     let up = support::Upstream::start();
-    let dir = std::env::temp_dir().join(format!("unpart-daemon-user-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // The unprivileged daemon creates its upgrade socket here.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
-    let (listen, admin) = (port(), port());
-    let pid_file = dir.join("unpart.pid");
-    let conf = dir.join("d.yaml");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen: {listen}\nadmin: {admin}\nupstream: {}\npid_file: {}\nupgrade_sock: {d}/u.sock\n\
-             user: nobody\ngroup: nogroup\nmode: spool\nspool: {{dir: \"{d}/spool\"}}\n",
-            up.addr,
-            pid_file.display(),
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_unpart"))
-        .args(["-d", "-c", conf.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("run unpart -d");
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + support::TIMEOUT;
-    let mut pid = None;
-    while std::time::Instant::now() < deadline {
-        let ok = support::raw_request(&admin, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            .is_ok_and(|r| r.status == 200);
-        pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok());
-        if ok && pid.is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let pid = pid.expect("daemon wrote its pid file");
+    let d = Daemon::start(
+        &up.addr,
+        "daemon-user",
+        "user: nobody\ngroup: nogroup\nmode: spool\nspool: {dir: \"{d}/spool\"}\n",
+        true,
+    );
     let form = support::form(
         "du",
         &[("a", None, None, b"1"), ("f", Some("f"), None, b"data")],
     );
-    let resp = support::raw_request(&listen, &support::post("/u", &support::mp("du"), &form, ""));
-    let owner = std::fs::metadata(dir.join("spool")).map(|m| (m.uid(), m.mode() & 0o777));
-    let proc_uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+    let resp = support::raw_request(
+        &d.listen,
+        &support::post("/u", &support::mp("du"), &form, ""),
+    );
+    let owner = std::fs::metadata(d.dir.join("spool")).map(|m| (m.uid(), m.mode() & 0o777));
+    let proc_uid = std::fs::read_to_string(format!("/proc/{}/status", d.pid))
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("Uid:"))
         .map(str::to_string);
-    let _ = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         proc_uid.as_deref().is_some_and(|l| l.contains("65534")),
         "the daemon did not drop to nobody: {proc_uid:?}"
