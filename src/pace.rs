@@ -26,6 +26,11 @@ impl Pace {
         }
     }
 
+    /// Bytes per second; 0 when the check is off.
+    pub fn min_rate(&self) -> u64 {
+        self.min_rate
+    }
+
     /// Records one read of `n` bytes that took `waited`. Once a window's worth of waiting has
     /// gone by, its average must reach the minimum; `Err` carries the rate it had instead.
     pub fn record(&mut self, n: usize, waited: Duration) -> Result<(), u64> {

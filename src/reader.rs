@@ -22,7 +22,6 @@ pub struct ClientReader {
     body: ClientBody,
     pace: Pace,
     idle: Duration,
-    min_rate: u64,
     /// An HTTP/2 read that was coalescing saw the end of the body: the next read says so.
     ended: bool,
 }
@@ -33,7 +32,6 @@ impl ClientReader {
             body: ClientBody::pingora(t.client_body_idle.0),
             pace: Pace::new(t.client_body_min_rate.0, t.client_body_idle.0),
             idle: t.client_body_idle.0,
-            min_rate: t.client_body_min_rate.0,
             ended: false,
         }
     }
@@ -54,7 +52,7 @@ impl ClientReader {
         let r = self.read_raw(session).await?;
         let n = r.as_ref().map_or(0, Bytes::len);
         if let Err(rate) = self.pace.record(n, start.elapsed()) {
-            return Err(Reject::client_too_slow(rate, self.min_rate).into());
+            return Err(Reject::client_too_slow(rate, self.pace.min_rate()).into());
         }
         Ok(r)
     }
