@@ -617,7 +617,7 @@ fn slow_and_idle_clients_hit_their_timeouts_and_leave_nothing() {
 }
 
 #[test]
-fn a_slow_client_above_the_minimum_rate_completes() {
+fn with_no_minimum_rate_a_one_byte_a_second_client_completes() {
     let up = Upstream::start();
     let u = Unpart::start(
         &up.addr,
