@@ -20,7 +20,13 @@
 #      seconds (user+sys) per GiB of body (median), its peak RSS (highest of REPS);
 #   c. small forms (a 10 KiB file after 5 fields, Content-Length, keep-alive) with wrk for
 #      DURATION seconds (default 10) at each concurrency in SMALL_CONC (default "1 16 64"):
-#      requests/s, p50 and p99 latency, the proxy's CPU microseconds per request and peak RSS.
+#      requests/s, p50 and p99 latency, the proxy's CPU microseconds per request and peak RSS;
+#   d. HTTP/2 (issue #5): curl -F of a SIZE_MB file over HTTP/1.1 and over h2c (prior
+#      knowledge), through nginx (a second listener with `http2`, http2_body_preread_size 4m
+#      to match unpart's 4 MiB stream window) and unpart stream, REPS times each: MB/s, the
+#      h2/h1 ratio of each proxy (issue #5's target: unpart >= 0.8x; nginx's is the reference
+#      for what this client and machine allow), and the CPU seconds per GiB of the proxy and
+#      of curl. H2=0 leaves it out.
 # Every run's answer is checked: upload_client compares the upstream's byte count with the
 # body (direct, nginx) or the file (stream, spool); wrk runs with a non-2xx answer or a
 # socket error are fatal. Within each repetition the paths take turns, the first rotating.
@@ -36,7 +42,7 @@
 # concurrent uploads, stream small-form req/s >= nginx's.
 #
 # Environment: SIZE_MB, CONC, CONC_MB, REPS (default 3), DURATION, SMALL_CONC, SMALL_REPS
-# (default 1; median), WRK_THREADS (default 2, at most the connections), SPOOL=0 to leave the
+# (default 1; median), H2 (default 1), WRK_THREADS (default 2, at most the connections), SPOOL=0 to leave the
 # spool path out, SPOOL_DIGESTS (comma-separated, or none; default sha256), ACCESS_LOG=1 for
 # nginx's and unpart's access logs (default: both off), OUT, REQ_TIMEOUT
 # (seconds per upload_client run, default 600), LIFETIME (seconds the servers may live,
@@ -58,6 +64,7 @@ SMALL_CONC=${SMALL_CONC:-1 16 64}
 SMALL_REPS=${SMALL_REPS:-1}
 WRK_THREADS=${WRK_THREADS:-2}
 SPOOL=${SPOOL:-1}
+H2=${H2:-1}
 SPOOL_DIGESTS=${SPOOL_DIGESTS:-sha256}
 ACCESS_LOG=${ACCESS_LOG:-0}
 REQ_TIMEOUT=${REQ_TIMEOUT:-600}
@@ -82,6 +89,7 @@ done
 [ -n "${SMALL_CONC// /}" ] || { echo "$ME: SMALL_CONC is empty" >&2; exit 2; }
 [[ $BUILD =~ ^[01]$ ]] || { echo "$ME: BUILD must be 0 or 1" >&2; exit 2; }
 [[ $SPOOL =~ ^[01]$ ]] || { echo "$ME: SPOOL must be 0 or 1" >&2; exit 2; }
+[[ $H2 =~ ^[01]$ ]] || { echo "$ME: H2 must be 0 or 1" >&2; exit 2; }
 [[ $ACCESS_LOG =~ ^[01]$ ]] || { echo "$ME: ACCESS_LOG must be 0 or 1" >&2; exit 2; }
 # nginx runs with access_log off as issue #6 says, so unpart's access log (a line per request
 # on stderr) is off too; ACCESS_LOG=1 turns both on, each writing to a file in $TMP.
@@ -137,13 +145,15 @@ WRK=$(command -v wrk)
 # Servers.
 
 start_upstream
-start_unpart "routes:
+start_unpart "h2c: true
+routes:
   - prefix: /spool/
     mode: spool
 spool:
   dir: $TMP/spool
   max_total_bytes: 0
   digests: $DIGESTS_YAML"
+UNPART_THREADS=$(awk '$1 == "Threads:" { print $2 }' "/proc/$UNPART_PID/status")
 
 NGINX_PID=""
 NGINX_WORKERS=()
@@ -159,7 +169,8 @@ bench_cleanup_hook() {
 }
 
 # Starts nginx as a non-daemon child with its own prefix, config and logs in $TMP, on a picked
-# port (a lost race to bind shows as an early exit: try again). Sets NGINX_ADDR, NGINX_PID and
+# port (a lost race to bind shows as an early exit: try again), and its HTTP/2 (h2c) listener on
+# another. Sets NGINX_ADDR, NGINX_H2_ADDR, NGINX_PID and
 # NGINX_WORKERS.
 start_nginx() {
     local _ tpid d ws user=""
@@ -168,6 +179,8 @@ start_nginx() {
     [ "$(id -u)" = 0 ] && user="user root;"
     for _ in 1 2 3 4 5; do
         NGINX_ADDR="127.0.0.1:$(pick_port)" || die "no free port"
+        NGINX_H2_ADDR="127.0.0.1:$(pick_port)" || die "no free port"
+        [ "$NGINX_ADDR" != "$NGINX_H2_ADDR" ] || continue
         cat >"$TMP/nginx/nginx.conf" <<EOF
 # A plain streaming reverse proxy, as issue #6 specifies it.
 $user
@@ -194,6 +207,8 @@ http {
     }
     server {
         listen $NGINX_ADDR;
+        listen $NGINX_H2_ADDR http2;
+        http2_body_preread_size 4m;
         client_max_body_size 0;
         client_body_buffer_size 1m;
         location / {
@@ -214,7 +229,7 @@ EOF
         d=$(deadline 10)
         while [ -n "$NGINX_PID" ] && before "$d" && kill -0 "$NGINX_PID" 2>/dev/null; do
             mapfile -t ws < <(children_of "$NGINX_PID")
-            if [ "${#ws[@]}" = 2 ] && port_in_use "${NGINX_ADDR#*:}"; then
+            if [ "${#ws[@]}" = 2 ] && port_in_use "${NGINX_ADDR#*:}" && port_in_use "${NGINX_H2_ADDR#*:}"; then
                 NGINX_WORKERS=("${ws[@]}")
                 return 0
             fi
@@ -280,6 +295,23 @@ hwm_kib() {
     for p in "$@"; do t=$((t + $(kib_of "$p" VmHWM))); done
     echo "$t"
 }
+# Waits (at most 20 s) until unpart is idle again after the previous run: no more threads than
+# when it started (blocking-pool threads idle 10 s before they exit) and its RSS no longer
+# falling (jemalloc returns freed pages within a second). So a path's peak RSS is its own, not
+# what the run before it (a spool run, say) left behind. Other paths need no wait.
+settle() {
+    case $1 in stream | spool) ;; *) return 0 ;; esac
+    local d t r0 r1
+    d=$(deadline 20)
+    while before "$d"; do
+        t=$(awk '$1 == "Threads:" { print $2 }' "/proc/$UNPART_PID/status")
+        r0=$(kib_of "$UNPART_PID" VmRSS)
+        sleep 0.5
+        r1=$(kib_of "$UNPART_PID" VmRSS)
+        if [ "$t" -le "$UNPART_THREADS" ] && [ "$r1" -ge "$r0" ]; then return 0; fi
+    done
+    echo "  note: unpart not idle after 20 s ($t threads, $UNPART_THREADS at start; RSS $(mib "$r1") MiB)"
+}
 # Rotates PATHS by $1 places, so no path always runs right after the same one.
 rotated() {
     local n=${#PATHS[@]} i
@@ -304,8 +336,8 @@ LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "binaries: $REL (unpart built $(date -u -r "$REL/unpart" '+%Y-%m-%d %H:%M UTC'))"
 NGINX_VERSION=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
 WRK_VERSION=$({ "$WRK" -v 2>&1 || true; } | head -n 1 | awk '{ print $1, $2 }')
-echo "servers:  upstream $UPSTREAM (pid $UPSTREAM_PID), nginx $NGINX_ADDR ($NGINX_VERSION, master $NGINX_PID, workers ${NGINX_WORKERS[*]}), unpart $LISTEN (pid $UNPART_PID, threads: 2)"
-KNOBS="SIZE_MB=$SIZE_MB CONC=$CONC CONC_MB=$CONC_MB REPS=$REPS DURATION=$DURATION SMALL_CONC='$SMALL_CONC' SMALL_REPS=$SMALL_REPS WRK_THREADS=$WRK_THREADS SPOOL=$SPOOL SPOOL_DIGESTS=$SPOOL_DIGESTS ACCESS_LOG=$ACCESS_LOG"
+echo "servers:  upstream $UPSTREAM (pid $UPSTREAM_PID), nginx $NGINX_ADDR and h2c $NGINX_H2_ADDR ($NGINX_VERSION, master $NGINX_PID, workers ${NGINX_WORKERS[*]}), unpart $LISTEN (pid $UNPART_PID, threads: 2)"
+KNOBS="SIZE_MB=$SIZE_MB CONC=$CONC CONC_MB=$CONC_MB REPS=$REPS DURATION=$DURATION SMALL_CONC='$SMALL_CONC' SMALL_REPS=$SMALL_REPS H2=$H2 WRK_THREADS=$WRK_THREADS SPOOL=$SPOOL SPOOL_DIGESTS=$SPOOL_DIGESTS ACCESS_LOG=$ACCESS_LOG"
 echo "paths:    ${PATHS[*]}"
 echo "knobs:    $KNOBS"
 awk -v l="${LOAD0%% *}" 'BEGIN { exit !(l > 0.5) }' &&
@@ -324,6 +356,7 @@ large() {
             name="${label}_${p}_$i"
             read -r -a cp <<<"$(cpu_pids "$p")"
             read -r -a mp <<<"$(mem_pids "$p")"
+            settle "$p"
             reset_hwm "${mp[@]}"
             t0=$(ticks "${cp[@]}")
             run_client "$name" "$(addr_of "$p")" "$size" "$conc" "$(expect_of "$p")" --path "$(upath_of "$p")"
@@ -443,6 +476,7 @@ for i in $(seq 1 "$SMALL_REPS"); do
             name="small_${c}_${p}_$i"
             read -r -a cp <<<"$(cpu_pids "$p")"
             read -r -a mp <<<"$(mem_pids "$p")"
+            settle "$p"
             reset_hwm "${mp[@]}"
             t0=$(ticks "${cp[@]}")
             run_wrk "$name" "$p" "$c" "$DURATION"
@@ -467,6 +501,48 @@ for i in $(seq 1 "$SMALL_REPS"); do
         done < <(rotated $((i - 1)))
     done
 done
+
+# ---------------------------------------------------------------------------------------------
+# d. HTTP/2 against HTTP/1.1: the same client (curl), the same file, through both proxies.
+
+H2_WAYS=("nginx h1" "nginx h2" "stream h1" "stream h2")
+if [ "$H2" = 1 ]; then
+    echo
+    echo "== d. HTTP/2 (h2c) and HTTP/1.1: curl -F of a $SIZE_MB MiB file through nginx and unpart stream, $REPS run(s) each"
+    head -c "$((SIZE_MB * 1048576))" /dev/zero | tr '\0' 'h' >"$TMP/h2.bin"
+    for i in $(seq 1 "$REPS"); do
+        for k in 0 1 2 3; do
+            read -r p v <<<"${H2_WAYS[$(((k + i - 1) % 4))]}"
+            if [ "$p" = nginx ] && [ "$v" = h2 ]; then addr=$NGINX_H2_ADDR; else addr=$(addr_of "$p"); fi
+            if [ "$v" = h2 ]; then flag=--http2-prior-knowledge; else flag=--http1.1; fi
+            read -r -a cp <<<"$(cpu_pids "$p")"
+            t0=$(ticks "${cp[@]}")
+            out=$( { TIMEFORMAT='%U %S'; time timeout "$REQ_TIMEOUT" curl -sS "$flag" -o "$TMP/h2.resp" \
+                -w '%{http_code} %{size_upload} %{time_total} %{http_version}' -F title=bench \
+                -F "file=@$TMP/h2.bin" "http://$addr$(upath_of "$p")"; } 2>"$TMP/h2.time") ||
+                die "curl $flag through $p failed: $(cat "$TMP/h2.time")"
+            t1=$(ticks "${cp[@]}")
+            read -r code up secs ver <<<"$out"
+            [ "$code" = 200 ] || die "curl $flag through $p got $code"
+            [ "$ver" = "${v#h}" ] || [ "$ver/$v" = "1.1/h1" ] || die "curl $flag through $p spoke HTTP/$ver"
+            # The upstream counts the multipart body (nginx) or the file alone (unpart).
+            if [ "$p" = nginx ]; then want=$up; else want=$((SIZE_MB * 1048576)); fi
+            [ "$(cat "$TMP/h2.resp")" = "{\"bytes\":$want}" ] ||
+                die "curl $flag through $p: upstream answered $(cat "$TMP/h2.resp"), expected $want bytes"
+            mbs=$(awk -v b="$up" -v t="$secs" 'BEGIN { printf "%.1f", b / 1e6 / t }')
+            gib=$(awk -v b="$up" 'BEGIN { printf "%.6f", b / 1073741824 }')
+            cpu=$(awk -v t=$((t1 - t0)) -v k="$TCK" -v g="$gib" 'BEGIN { printf "%.3f", t / k / g }')
+            ccpu=$(tail -n 1 "$TMP/h2.time" | awk -v g="$gib" '{ printf "%.3f", ($1 + $2) / g }')
+            add "h2/$p/$v/mbs" "$mbs"
+            add "h2/$p/$v/cpu" "$cpu"
+            add "h2/$p/$v/ccpu" "$ccpu"
+            printf '  run %d %-6s %s %8.1f MB/s  proxy %6.3f CPU-s/GiB  curl %6.3f CPU-s/GiB\n' \
+                "$i" "$p" "$v" "$mbs" "$cpu" "$ccpu"
+            check_alive
+        done
+    done
+    rm -f "$TMP/h2.bin" "$TMP/h2.resp"
+fi
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 NGINX_MASTER_RSS=$(mib "$(kib_of "$NGINX_PID" VmRSS)")
 
@@ -521,6 +597,21 @@ row() { local IFS=$'\t'; echo "$*"; }
     done
 } >"$TMP/small.tsv"
 
+if [ "$H2" = 1 ]; then
+    {
+        row path protocol "MB/s" "h2 / h1" "proxy CPU-s/GiB" "curl CPU-s/GiB" "MB/s of each run"
+        for w in "${H2_WAYS[@]}"; do
+            read -r p v <<<"$w"
+            m=$(med "$(get "h2/$p/$v/mbs")")
+            hr=-
+            [ "$v" = h2 ] && hr=$(x "$m" "$(med "$(get "h2/$p/h1/mbs")")")
+            row "$p" "$([ "$v" = h2 ] && echo "HTTP/2 (h2c)" || echo "HTTP/1.1")" "$(fmt %.0f "$m")" "$hr" \
+                "$(fmt %.2f "$(med "$(get "h2/$p/$v/cpu")")")" "$(fmt %.2f "$(med "$(get "h2/$p/$v/ccpu")")")" \
+                "$(get "h2/$p/$v/mbs")"
+        done
+    } >"$TMP/h2.tsv"
+fi
+
 # target NAME MEASURED OP LIMIT UNIT: one row of the targets table, with the verdict and the gap.
 target() {
     local name=$1 m=$2 op=$3 lim=$4 unit=$5
@@ -549,6 +640,12 @@ sx() { if [ -z "$1" ] || [ -z "$2" ]; then echo ""; else ratio "$1" "$2"; fi; }
         target "stream small-form req/s / nginx req/s, c=$c" \
             "$(sx "$(med "$(get "small$c/stream/rps")")" "$(med "$(get "small$c/nginx/rps")")")" ">=" "$TARGET_NGINX_X" x
     done
+    if [ "$H2" = 1 ]; then
+        target "issue #5: stream h2c MB/s / its HTTP/1.1 MB/s" \
+            "$(sx "$(med "$(get "h2/stream/h2/mbs")")" "$(med "$(get "h2/stream/h1/mbs")")")" ">=" 0.8 x
+        target "reference, not a target: nginx h2c / its HTTP/1.1" \
+            "$(sx "$(med "$(get "h2/nginx/h2/mbs")")" "$(med "$(get "h2/nginx/h1/mbs")")")" ">=" 0.8 x
+    fi
 } >"$TMP/targets.tsv"
 
 txt_table() {
@@ -565,7 +662,7 @@ md_table() {
         if (NR == 1) { line = "|"; for (i = 1; i <= NF; i++) line = line "---|"; print line } }' "$1"
 }
 
-NOTES="Accounting: MB/s is multipart body bytes / 10^6 / wall seconds (first connect to last response), median of $REPS; CPU is user+system seconds of the proxy per GiB (2^30) of multipart body, median (read in ticks of $(awk -v t="$TCK" 'BEGIN { print 1000 / t }') ms: coarse for small runs); peak RSS is VmHWM reset before each run$([ "$HWM_RESET" = 1 ] || echo ' (the reset FAILED: peaks cover earlier runs too)'), highest of the runs. nginx: CPU of the master and both workers, peak RSS of the two workers summed (the master, idle, had $NGINX_MASTER_RSS MiB). Small forms: wrk over keep-alive connections, $WRK_THREADS threads at most, ${DURATION} s per run, median of $SMALL_REPS; CPU in microseconds per request. Access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on in both nginx and unpart (files in the temp directory)" || echo "off in both nginx and unpart (RUST_LOG=info,access=off)")."
+NOTES="Accounting: MB/s is multipart body bytes / 10^6 / wall seconds (first connect to last response), median of $REPS; CPU is user+system seconds of the proxy per GiB (2^30) of multipart body, median (read in ticks of $(awk -v t="$TCK" 'BEGIN { print 1000 / t }') ms: coarse for small runs); peak RSS is VmHWM reset before each run (unpart's runs start once it is idle again: its thread count back to where it started and its RSS no longer falling)$([ "$HWM_RESET" = 1 ] || echo ' (the reset FAILED: peaks cover earlier runs too)'), highest of the runs. nginx: CPU of the master and both workers, peak RSS of the two workers summed (the master, idle, had $NGINX_MASTER_RSS MiB). Small forms: wrk over keep-alive connections, $WRK_THREADS threads at most, ${DURATION} s per run, median of $SMALL_REPS; CPU in microseconds per request. Access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on in both nginx and unpart (files in the temp directory)" || echo "off in both nginx and unpart (RUST_LOG=info,access=off)")."
 
 echo
 echo "== large uploads"
@@ -573,8 +670,13 @@ txt_table "$TMP/large.tsv"
 echo
 echo "== small forms ($FORM_BYTES-byte multipart body: 5 fields, then a $FILE_BYTES-byte file)"
 txt_table "$TMP/small.tsv"
+if [ "$H2" = 1 ]; then
+    echo
+    echo "== HTTP/2 and HTTP/1.1, curl -F of a $SIZE_MB MiB file"
+    txt_table "$TMP/h2.tsv"
+fi
 echo
-echo "== targets (issue #6, for a quiet 2-core machine)"
+echo "== targets (issue #6, and #5's HTTP/2 ratio; for a quiet 2-core machine)"
 txt_table "$TMP/targets.tsv"
 echo
 echo "$NOTES" | fold -s -w 100
@@ -597,7 +699,13 @@ echo "load average: $LOAD0 at the start, $LOAD1 at the end"
     echo
     md_table "$TMP/small.tsv"
     echo
-    echo "Targets (issue #6, for a quiet 2-core machine):"
+    if [ "$H2" = 1 ]; then
+        echo "HTTP/2 and HTTP/1.1 (curl $(curl -V | head -n 1 | awk '{ print $2 }') -F of a $SIZE_MB MiB file, median of $REPS; unpart stream with \`h2c: true\`, nginx on a second listener with \`http2\`):"
+        echo
+        md_table "$TMP/h2.tsv"
+        echo
+    fi
+    echo "Targets (issue #6, and #5's HTTP/2 ratio; for a quiet 2-core machine):"
     echo
     md_table "$TMP/targets.tsv"
     echo

@@ -84,6 +84,10 @@ impl Upstream {
 /// backend. For a small form, which is all in hand at once, that was most of unpart's CPU
 /// per request. With TCP_CORK the three writes go out as one segment when uncorked (and the
 /// kernel sends anyway after 200 ms). Best effort: any failure only costs the coalescing.
+/// Body writes this large are many full segments already: corking them would only add two
+/// `setsockopt` calls per write (1.4 % of unpart's CPU with 64 uploads streaming at once).
+const CORK_BELOW: usize = 64 * 1024;
+
 fn cork(http: &HttpSession, on: bool) -> bool {
     let Some(stream) = http.stream() else {
         return false;
@@ -165,7 +169,9 @@ impl Backend<'_> {
         data: Bytes,
         stats: &mut Stats,
     ) -> Result<Upstream, Failure> {
-        up.cork();
+        if data.len() < CORK_BELOW {
+            up.cork();
+        }
         match up.http.write_request_body(data, false).await {
             Ok(_) => Ok(up),
             Err(e) => Err(self.write_failed(session, up, e, stats).await),

@@ -1,6 +1,7 @@
 //! unpart: a reverse proxy that turns `multipart/form-data` uploads into raw streamed bodies
 //! with the form fields in headers. The binary (`main.rs`) only wires these modules together.
 
+pub mod accept;
 pub mod admin;
 pub mod answer;
 pub mod body;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod digest;
 pub mod drain;
 pub mod forward;
+pub mod jobs;
 pub mod listener;
 pub mod metrics;
 pub mod multipart;

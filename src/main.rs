@@ -8,7 +8,7 @@ use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use unpart::{admin, cli, config, drain, listener, proxy, spool};
+use unpart::{accept, admin, cli, config, drain, listener, proxy, spool};
 
 /// jemalloc, for two reasons: it gives freed memory back to the OS within seconds (glibc kept
 /// 512 MB after a burst of uploads) and it samples live allocations for `/debug/pprof/heap`.
@@ -88,18 +88,21 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(opt, conf.server_conf());
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
+    let mut app = pingora::proxy::HttpProxy::new(
         proxy::Unpart::new(settings.clone(), spool),
-        "unpart proxy",
+        server.configuration.clone(),
     );
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut opts = pingora::apps::HttpServerOptions::default();
-        opts.h2c = settings.h2c;
-        opts.h2_idle_timeout = Some(settings.timeouts.client_keepalive.0);
-        app.server_options = Some(opts);
-        app.h2_options = Some(listener::h2_options());
-    }
+    app.handle_init_modules();
+    let mut opts = pingora::apps::HttpServerOptions::default();
+    // Off in pingora: accept.rs detects h2c itself (pingora's detection has no timeout).
+    opts.h2c = false;
+    opts.h2_idle_timeout = Some(settings.timeouts.client_keepalive.0);
+    app.server_options = Some(opts);
+    app.h2_options = Some(listener::h2_options());
+    let mut proxy = Service::new(
+        "unpart proxy".to_string(),
+        accept::Accept::new(app, settings.h2c, settings.timeouts.client_keepalive.0),
+    );
     if let Err(e) = listener::add(&mut proxy, &settings) {
         eprintln!("unpart: {e}");
         return ExitCode::FAILURE;

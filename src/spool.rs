@@ -6,7 +6,7 @@
 //! descriptor closes, and nobody else can open it. Only a crash in the microseconds between
 //! create and unlink can leave a name behind; `SpoolDir::prepare` sweeps those at startup.
 //!
-//! Writes and reads go through the blocking pool in fixed blocks, double-buffered, so a
+//! Writes and reads go through the file threads (`jobs`) in fixed blocks, double-buffered, so a
 //! request holds at most two blocks whatever the file's size, and digests are computed by the
 //! same thread that writes, off the proxy's workers.
 
@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::task::JoinHandle;
 
 use crate::config::SpoolConf;
 use crate::digest::{Algorithm, Digests};
+use crate::jobs::{self, Pending};
 
 /// Bytes per disk write or read.
 pub const BLOCK: usize = 256 * 1024;
@@ -140,9 +140,7 @@ impl SpoolDir {
     /// A new, empty spool file for one request.
     pub async fn writer(self: &Arc<Self>) -> Result<SpoolWriter, SpoolError> {
         let me = Arc::clone(self);
-        let file = tokio::task::spawn_blocking(move || me.create_file())
-            .await
-            .map_err(io::Error::other)??;
+        let file = jobs::run(move || me.create_file()).wait().await?;
         Ok(SpoolWriter {
             file: Arc::new(file),
             reservation: Reservation {
@@ -222,7 +220,7 @@ impl Drop for Reservation {
     }
 }
 
-type BlockResult = io::Result<(Vec<u8>, Digests)>;
+type BlockResult = (Vec<u8>, Digests);
 
 /// Appends a file part's bytes to its spool file.
 pub struct SpoolWriter {
@@ -231,7 +229,7 @@ pub struct SpoolWriter {
     /// The block being filled.
     block: Vec<u8>,
     /// The block being hashed and written, which hands back its buffer and the digests.
-    pending: Option<JoinHandle<BlockResult>>,
+    pending: Option<Pending<BlockResult>>,
     /// Here while no block is pending.
     digests: Option<Digests>,
     flushed: u64,
@@ -264,7 +262,7 @@ impl SpoolWriter {
         let file = Arc::clone(&self.file);
         let offset = self.flushed;
         self.flushed += full.len() as u64;
-        self.pending = Some(tokio::task::spawn_blocking(move || {
+        self.pending = Some(jobs::run(move || {
             digests.update(&full);
             file.write_all_at(&full, offset)?;
             full.clear();
@@ -275,7 +273,7 @@ impl SpoolWriter {
 
     async fn wait_pending(&mut self) -> Result<Option<(Vec<u8>, Digests)>, SpoolError> {
         match self.pending.take() {
-            Some(h) => Ok(Some(h.await.map_err(io::Error::other)??)),
+            Some(h) => Ok(Some(h.wait().await?)),
             None => Ok(None),
         }
     }
@@ -325,7 +323,7 @@ impl SpoolFile {
 pub struct Blocks {
     spool: SpoolFile,
     offset: u64,
-    pending: Option<JoinHandle<io::Result<Bytes>>>,
+    pending: Option<Pending<Bytes>>,
 }
 
 impl Blocks {
@@ -338,7 +336,7 @@ impl Blocks {
         let (file, offset) = (Arc::clone(&self.spool.file), self.offset);
         self.offset += n as u64;
         debug_assert_eq!(offset % BLOCK as u64, 0);
-        self.pending = Some(tokio::task::spawn_blocking(move || {
+        self.pending = Some(jobs::run(move || {
             // Reads at the file's cursor (blocks are read one at a time, in order) into spare
             // capacity: `read_to_end` does not zero the buffer first, `read_exact_at` would.
             let mut buf = Vec::with_capacity(n);
@@ -361,7 +359,7 @@ impl Blocks {
         let Some(h) = self.pending.take() else {
             return Ok(None);
         };
-        let block = h.await.map_err(io::Error::other)??;
+        let block = h.wait().await?;
         self.read_ahead();
         Ok(Some(block))
     }

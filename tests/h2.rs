@@ -185,3 +185,73 @@ fn a_stalled_h2_upload_gets_408() {
     let got = up.received_after(Duration::from_millis(200));
     assert!(got.iter().all(|r| !r.complete));
 }
+
+/// Reads from `s` until the peer closes it; how long that took. A read timeout fails.
+fn closed_after(s: &mut std::net::TcpStream) -> Duration {
+    use std::io::Read;
+    let from = Instant::now();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .expect("closed by unpart, not a read timeout");
+    from.elapsed()
+}
+
+/// With h2c on, unpart (not pingora, whose h2c check reads exactly 24 bytes with no timeout)
+/// tells HTTP/2 from HTTP/1 at the start of a connection: a request shorter than the preface
+/// is answered, and silent or idle connections are still closed after `client_keepalive`.
+#[test]
+fn with_h2c_on_http1_connections_are_answered_and_bounded() {
+    use std::io::{BufReader, Read};
+    use std::net::TcpStream;
+
+    let up = Upstream::start();
+    let unpart = Unpart::start(&up.addr, "h2c: true\ntimeouts: {client_keepalive: 2}\n");
+    let in_time = |held: Duration, what: &str| {
+        assert!(
+            held >= Duration::from_millis(1500) && held < Duration::from_secs(6),
+            "{what}: closed after {held:?}, expected about 2 s"
+        );
+    };
+
+    // 18 bytes, less than the 24-byte preface.
+    let r = raw_request(&unpart.addr, b"GET / HTTP/1.0\r\n\r\n").expect("an answer");
+    assert_eq!(r.status, 200);
+    let got = up.wait_for(1);
+    assert_eq!(got[0].method, "GET");
+    up.take();
+
+    // A connection that sends nothing.
+    let mut s = TcpStream::connect(&unpart.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    in_time(closed_after(&mut s), "silent connection");
+
+    // One that stops inside the preface.
+    let mut s = TcpStream::connect(&unpart.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    in_time(closed_after(&mut s), "partial preface");
+
+    // An idle keep-alive connection, after two requests on it.
+    let mut s = TcpStream::connect(&unpart.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for _ in 0..2 {
+        s.write_all(b"GET /k HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut r).unwrap().status, 200);
+    }
+    let from = Instant::now();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest)
+        .expect("closed by unpart, not a read timeout");
+    in_time(from.elapsed(), "idle keep-alive connection");
+    assert_eq!(up.take().len(), 2);
+
+    // HTTP/2 with prior knowledge still works on the same listener.
+    let out = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "--max-time", "10"])
+        .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+        .arg(format!("http://{}/h", unpart.addr))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2");
+}

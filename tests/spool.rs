@@ -349,3 +349,61 @@ fn memory_does_not_grow_with_a_spooled_file() {
     );
     no_spool_left(&unpart);
 }
+
+/// Spool work goes through a fixed set of file threads (`jobs::THREADS`), not a thread per
+/// upload: on tokio's blocking pool, 64 concurrent spooled uploads kept 235 threads alive.
+#[test]
+fn concurrent_spooled_uploads_share_a_few_file_threads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const UPLOADS: usize = 32;
+    let size = 4 << 20;
+    let up = Upstream::start();
+    let unpart = Unpart::start(&up.addr, SPOOL);
+    let threads_at_start = unpart.status_kib("Threads:");
+    assert!(threads_at_start > 0, "cannot read /proc status");
+
+    let done = Arc::new(AtomicBool::new(false));
+    let pid = unpart.child.id();
+    let sampler = {
+        let done = Arc::clone(&done);
+        thread::spawn(move || {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let n: u64 = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Threads:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                most = most.max(n);
+                thread::sleep(Duration::from_millis(5));
+            }
+            most
+        })
+    };
+    let body = form("cc", &[("f", Some("a.bin"), None, &vec![7u8; size][..])]);
+    let req = Arc::new(post("/c", &mp("cc"), &body, ""));
+    let clients: Vec<_> = (0..UPLOADS)
+        .map(|_| {
+            let (addr, req) = (unpart.addr.clone(), Arc::clone(&req));
+            thread::spawn(move || raw_request(&addr, &req).map(|r| r.status))
+        })
+        .collect();
+    let statuses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    done.store(true, Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    assert!(
+        statuses.iter().all(|s| matches!(s, Ok(200))),
+        "{statuses:?}"
+    );
+    let got = up.wait_for(UPLOADS);
+    assert!(got.iter().all(|r| r.complete && r.body_len == size as u64));
+    let limit = threads_at_start + unpart::jobs::THREADS as u64;
+    assert!(
+        most <= limit,
+        "{most} threads during {UPLOADS} spooled uploads ({threads_at_start} at start, at most {limit} expected)"
+    );
+    no_spool_left(&unpart);
+}
