@@ -153,7 +153,6 @@ spool:
   dir: $TMP/spool
   max_total_bytes: 0
   digests: $DIGESTS_YAML"
-UNPART_THREADS=$(awk '$1 == "Threads:" { print $2 }' "/proc/$UNPART_PID/status")
 
 NGINX_PID=""
 NGINX_WORKERS=()
@@ -296,7 +295,7 @@ hwm_kib() {
     echo "$t"
 }
 # Waits (at most 20 s) until unpart is idle again after the previous run: no more threads than
-# when it started (blocking-pool threads idle 10 s before they exit) and its RSS no longer
+# after the warm-up (tokio's blocking-pool threads idle 10 s before they exit) and its RSS no longer
 # falling (jemalloc returns freed pages within a second). So a path's peak RSS is its own, not
 # what the run before it (a spool run, say) left behind. Other paths need no wait.
 settle() {
@@ -310,7 +309,7 @@ settle() {
         r1=$(kib_of "$UNPART_PID" VmRSS)
         if [ "$t" -le "$UNPART_THREADS" ] && [ "$r1" -ge "$r0" ]; then return 0; fi
     done
-    echo "  note: unpart not idle after 20 s ($t threads, $UNPART_THREADS at start; RSS $(mib "$r1") MiB)"
+    echo "  note: unpart not idle after 20 s ($t threads, $UNPART_THREADS when idle; RSS $(mib "$r1") MiB)"
 }
 # Rotates PATHS by $1 places, so no path always runs right after the same one.
 rotated() {
@@ -383,6 +382,10 @@ for p in "${PATHS[@]}"; do
     run_client "warm_$p" "$(addr_of "$p")" 8 1 "$(expect_of "$p")" --path "$(upath_of "$p")"
 done
 echo "warm-up:  8 MiB on every path OK"
+# unpart's idle thread count, its spool file threads included (they start with the first spool
+# job and stay): what settle waits for.
+sleep 11
+UNPART_THREADS=$(awk '$1 == "Threads:" { print $2 }' "/proc/$UNPART_PID/status")
 
 echo
 echo "== a. 1 upload of $SIZE_MB MiB, $REPS run(s) per path"
@@ -662,7 +665,7 @@ md_table() {
         if (NR == 1) { line = "|"; for (i = 1; i <= NF; i++) line = line "---|"; print line } }' "$1"
 }
 
-NOTES="Accounting: MB/s is multipart body bytes / 10^6 / wall seconds (first connect to last response), median of $REPS; CPU is user+system seconds of the proxy per GiB (2^30) of multipart body, median (read in ticks of $(awk -v t="$TCK" 'BEGIN { print 1000 / t }') ms: coarse for small runs); peak RSS is VmHWM reset before each run (unpart's runs start once it is idle again: its thread count back to where it started and its RSS no longer falling)$([ "$HWM_RESET" = 1 ] || echo ' (the reset FAILED: peaks cover earlier runs too)'), highest of the runs. nginx: CPU of the master and both workers, peak RSS of the two workers summed (the master, idle, had $NGINX_MASTER_RSS MiB). Small forms: wrk over keep-alive connections, $WRK_THREADS threads at most, ${DURATION} s per run, median of $SMALL_REPS; CPU in microseconds per request. Access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on in both nginx and unpart (files in the temp directory)" || echo "off in both nginx and unpart (RUST_LOG=info,access=off)")."
+NOTES="Accounting: MB/s is multipart body bytes / 10^6 / wall seconds (first connect to last response), median of $REPS; CPU is user+system seconds of the proxy per GiB (2^30) of multipart body, median (read in ticks of $(awk -v t="$TCK" 'BEGIN { print 1000 / t }') ms: coarse for small runs); peak RSS is VmHWM reset before each run (unpart's runs start once it is idle again: its thread count back to its idle count and its RSS no longer falling)$([ "$HWM_RESET" = 1 ] || echo ' (the reset FAILED: peaks cover earlier runs too)'), highest of the runs. nginx: CPU of the master and both workers, peak RSS of the two workers summed (the master, idle, had $NGINX_MASTER_RSS MiB). Small forms: wrk over keep-alive connections, $WRK_THREADS threads at most, ${DURATION} s per run, median of $SMALL_REPS; CPU in microseconds per request. Access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on in both nginx and unpart (files in the temp directory)" || echo "off in both nginx and unpart (RUST_LOG=info,access=off)")."
 
 echo
 echo "== large uploads"

@@ -16,8 +16,10 @@ use std::sync::{Mutex, OnceLock};
 
 use tokio::sync::oneshot;
 
-/// Threads doing file work. Jobs beyond that wait in order.
-pub const THREADS: usize = 4;
+/// Threads doing file work. Jobs beyond that wait in order. More than the cores: a thread
+/// writing into the page cache is put to sleep once too much of it is dirty, and the others
+/// should go on hashing meanwhile.
+pub const THREADS: usize = 8;
 
 type Task = Box<dyn FnOnce() + Send>;
 
