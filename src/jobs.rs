@@ -29,20 +29,26 @@ fn queue() -> &'static Mutex<mpsc::Sender<Task>> {
     QUEUE.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Task>();
         let rx = std::sync::Arc::new(Mutex::new(rx));
+        let arena = shared_arena();
         for i in 0..THREADS {
             let rx = std::sync::Arc::clone(&rx);
             let spawned = std::thread::Builder::new()
                 .name(format!("unpart file {i}"))
-                .spawn(move || loop {
-                    // The lock is held only to take the next task, not to run it.
-                    let next = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(poisoned) => poisoned.into_inner().recv(),
-                    };
-                    let Ok(task) = next else { return };
-                    // A panicking job loses its own answer (its waiter gets an error), not
-                    // the thread.
-                    let _ = catch_unwind(AssertUnwindSafe(task));
+                .spawn(move || {
+                    if let Some(a) = arena {
+                        join_arena(a);
+                    }
+                    loop {
+                        // The lock is held only to take the next task, not to run it.
+                        let next = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(poisoned) => poisoned.into_inner().recv(),
+                        };
+                        let Ok(task) = next else { return };
+                        // A panicking job loses its own answer (its waiter gets an error),
+                        // not the thread.
+                        let _ = catch_unwind(AssertUnwindSafe(task));
+                    }
                 });
             if let Err(e) = spawned {
                 log::error!("cannot start file thread {i}: {e}");
@@ -50,6 +56,29 @@ fn queue() -> &'static Mutex<mpsc::Sender<Task>> {
         }
         Mutex::new(tx)
     })
+}
+
+/// A jemalloc arena of their own for the file threads. The blocks they read back are freed by
+/// the proxy's workers into the arena that allocated them, and freed pages stay resident until
+/// that arena reuses or decays them: with each file thread on a different arena, 64 spooled
+/// uploads peaked at 118-137 MiB of RSS. `None` when jemalloc refuses (the threads then keep
+/// the arenas jemalloc gives them).
+fn shared_arena() -> Option<u32> {
+    // SAFETY: "arenas.create" takes no input and returns the new arena's index as an unsigned.
+    match unsafe { tikv_jemalloc_ctl::raw::read::<u32>(b"arenas.create\0") } {
+        Ok(a) => Some(a),
+        Err(e) => {
+            log::warn!("file threads: cannot create a jemalloc arena: {e}");
+            None
+        }
+    }
+}
+
+fn join_arena(arena: u32) {
+    // SAFETY: "thread.arena" takes an unsigned arena index, which "arenas.create" returned.
+    if let Err(e) = unsafe { tikv_jemalloc_ctl::raw::write(b"thread.arena\0", arena) } {
+        log::warn!("file thread: cannot move to jemalloc arena {arena}: {e}");
+    }
 }
 
 /// A job's answer, once it has run.
