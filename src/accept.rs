@@ -304,6 +304,36 @@ impl std::fmt::Debug for ReadAhead {
 mod tests {
     use super::*;
 
+    /// Every byte arrives in order through pieces smaller than the buffer, and the buffer is
+    /// gone once the socket has nothing more.
+    #[tokio::test]
+    async fn read_ahead_hands_on_every_byte_and_frees_its_buffer_when_idle() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut ra = ReadAhead::new(Box::new(L4Stream::from(server)));
+        let data: Vec<u8> = (0..3 * READ_AHEAD + 123).map(|i| (i % 251) as u8).collect();
+        client.write_all(&data).await.unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 8192];
+        while got.len() < data.len() {
+            let n = ra.read(&mut piece).await.unwrap();
+            assert!(n > 0, "early end after {} bytes", got.len());
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, data);
+        // Nothing more to read: the read waits, and the buffer is released meanwhile.
+        let idle = tokio::time::timeout(Duration::from_millis(50), ra.read(&mut piece)).await;
+        assert!(idle.is_err(), "read returned with nothing sent");
+        assert_eq!(ra.buf.capacity(), 0);
+        // The end of the stream still reads as the end.
+        drop(client);
+        assert_eq!(ra.read(&mut piece).await.unwrap(), 0);
+    }
+
     #[test]
     fn the_first_differing_byte_decides_http1() {
         assert_eq!(classify(b"G"), Some(Protocol::Http1));

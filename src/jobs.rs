@@ -86,9 +86,11 @@ pub struct Pending<T>(oneshot::Receiver<io::Result<T>>);
 
 impl<T> Pending<T> {
     pub async fn wait(self) -> io::Result<T> {
-        self.0
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("file job lost (it panicked)")))
+        self.0.await.unwrap_or_else(|_| {
+            Err(io::Error::other(
+                "file job lost: it panicked, or no file thread runs",
+            ))
+        })
     }
 }
 
@@ -102,7 +104,7 @@ pub fn run<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static
         Ok(q) => q.send(task),
         Err(poisoned) => poisoned.into_inner().send(task),
     };
-    // Only if every thread failed to start: the task comes back unrun and its sender is
+    // Fails only when no file thread started: the task comes back unrun and its sender is
     // dropped with it, so the waiter gets an error.
     drop(sent);
     Pending(rx)
