@@ -128,8 +128,24 @@ pick_port() {
     return 1
 }
 
-kib_of() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+# status_of PID KEY: a field of /proc/PID/status (VmRSS and VmHWM in KiB, Threads a count).
+status_of() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+kib_of() { status_of "$@"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# fill_file PATH MB: MB MiB of 'h', the file curl uploads (no CR, so no delimiter inside).
+fill_file() { head -c "$(($2 * 1048576))" /dev/zero | tr '\0' 'h' >"$1"; }
+# curl_upload FLAG URL FILE: one curl -F upload (a field "title", then FILE as "file") with
+# FLAG (--http1.1, --http2-prior-knowledge); prints "status bytes_sent seconds http_version
+# curl_cpu_seconds". The answer's body is left in $TMP/curl.resp. Call it as an assignment,
+# out=$(curl_upload ...), so that a failure stops the script.
+curl_upload() {
+    local out
+    out=$( { TIMEFORMAT='%U %S'; time timeout "$REQ_TIMEOUT" curl -sS "$1" -o "$TMP/curl.resp" \
+        -w '%{http_code} %{size_upload} %{time_total} %{http_version}' -F title=bench \
+        -F "file=@$3" "$2"; } 2>"$TMP/curl.time") || die "curl $1 $2 failed: $(cat "$TMP/curl.time")"
+    echo "$out $(tail -n 1 "$TMP/curl.time" | awk '{ print $1 + $2 }')"
+}
 # user+system CPU seconds of a process (all its threads).
 cpu_s() {
     local tck

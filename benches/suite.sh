@@ -303,7 +303,7 @@ settle() {
     local d t r0 r1
     d=$(deadline 20)
     while before "$d"; do
-        t=$(awk '$1 == "Threads:" { print $2 }' "/proc/$UNPART_PID/status")
+        t=$(status_of "$UNPART_PID" Threads)
         r0=$(kib_of "$UNPART_PID" VmRSS)
         sleep 0.5
         r1=$(kib_of "$UNPART_PID" VmRSS)
@@ -383,9 +383,10 @@ for p in "${PATHS[@]}"; do
 done
 echo "warm-up:  8 MiB on every path OK"
 # unpart's idle thread count, its spool file threads included (they start with the first spool
-# job and stay): what settle waits for.
+# job and stay), once any blocking-pool thread of the warm-up has had its 10 s to exit: what
+# settle waits for.
 sleep 11
-UNPART_THREADS=$(awk '$1 == "Threads:" { print $2 }' "/proc/$UNPART_PID/status")
+UNPART_THREADS=$(status_of "$UNPART_PID" Threads)
 
 echo
 echo "== a. 1 upload of $SIZE_MB MiB, $REPS run(s) per path"
@@ -512,7 +513,7 @@ H2_WAYS=("nginx h1" "nginx h2" "stream h1" "stream h2")
 if [ "$H2" = 1 ]; then
     echo
     echo "== d. HTTP/2 (h2c) and HTTP/1.1: curl -F of a $SIZE_MB MiB file through nginx and unpart stream, $REPS run(s) each"
-    head -c "$((SIZE_MB * 1048576))" /dev/zero | tr '\0' 'h' >"$TMP/h2.bin"
+    fill_file "$TMP/h2.bin" "$SIZE_MB"
     for i in $(seq 1 "$REPS"); do
         for k in 0 1 2 3; do
             read -r p v <<<"${H2_WAYS[$(((k + i - 1) % 4))]}"
@@ -520,22 +521,19 @@ if [ "$H2" = 1 ]; then
             if [ "$v" = h2 ]; then flag=--http2-prior-knowledge; else flag=--http1.1; fi
             read -r -a cp <<<"$(cpu_pids "$p")"
             t0=$(ticks "${cp[@]}")
-            out=$( { TIMEFORMAT='%U %S'; time timeout "$REQ_TIMEOUT" curl -sS "$flag" -o "$TMP/h2.resp" \
-                -w '%{http_code} %{size_upload} %{time_total} %{http_version}' -F title=bench \
-                -F "file=@$TMP/h2.bin" "http://$addr$(upath_of "$p")"; } 2>"$TMP/h2.time") ||
-                die "curl $flag through $p failed: $(cat "$TMP/h2.time")"
+            out=$(curl_upload "$flag" "http://$addr$(upath_of "$p")" "$TMP/h2.bin")
             t1=$(ticks "${cp[@]}")
-            read -r code up secs ver <<<"$out"
+            read -r code up secs ver csecs <<<"$out"
             [ "$code" = 200 ] || die "curl $flag through $p got $code"
             [ "$ver" = "${v#h}" ] || [ "$ver/$v" = "1.1/h1" ] || die "curl $flag through $p spoke HTTP/$ver"
             # The upstream counts the multipart body (nginx) or the file alone (unpart).
             if [ "$p" = nginx ]; then want=$up; else want=$((SIZE_MB * 1048576)); fi
-            [ "$(cat "$TMP/h2.resp")" = "{\"bytes\":$want}" ] ||
-                die "curl $flag through $p: upstream answered $(cat "$TMP/h2.resp"), expected $want bytes"
+            [ "$(cat "$TMP/curl.resp")" = "{\"bytes\":$want}" ] ||
+                die "curl $flag through $p: upstream answered $(cat "$TMP/curl.resp"), expected $want bytes"
             mbs=$(awk -v b="$up" -v t="$secs" 'BEGIN { printf "%.1f", b / 1e6 / t }')
             gib=$(awk -v b="$up" 'BEGIN { printf "%.6f", b / 1073741824 }')
             cpu=$(awk -v t=$((t1 - t0)) -v k="$TCK" -v g="$gib" 'BEGIN { printf "%.3f", t / k / g }')
-            ccpu=$(tail -n 1 "$TMP/h2.time" | awk -v g="$gib" '{ printf "%.3f", ($1 + $2) / g }')
+            ccpu=$(awk -v c="$csecs" -v g="$gib" 'BEGIN { printf "%.3f", c / g }')
             add "h2/$p/$v/mbs" "$mbs"
             add "h2/$p/$v/cpu" "$cpu"
             add "h2/$p/$v/ccpu" "$ccpu"
@@ -544,7 +542,7 @@ if [ "$H2" = 1 ]; then
             check_alive
         done
     done
-    rm -f "$TMP/h2.bin" "$TMP/h2.resp"
+    rm -f "$TMP/h2.bin" "$TMP/curl.resp" "$TMP/curl.time"
 fi
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 NGINX_MASTER_RSS=$(mib "$(kib_of "$NGINX_PID" VmRSS)")

@@ -154,14 +154,12 @@ echo "vs nginx-upload-module's $NGINX_UPLOAD_MB_S MB/s: ${spr} x"
 # e. HTTP/2 against HTTP/1.1, same client (curl), same unpart.
 echo
 echo "== e. HTTP/2 (h2c) vs HTTP/1.1 through unpart: curl -F of a $SIZE_MB MiB file, $REPS runs each"
-head -c "$((SIZE_MB * 1048576))" /dev/zero | tr '\0' 'h' >"$TMP/h2.bin"
+fill_file "$TMP/h2.bin" "$SIZE_MB"
 curl_mb_s() {
-    local out
-    out=$(timeout "$REQ_TIMEOUT" curl -sS "$@" -o /dev/null -w '%{http_code} %{size_upload} %{time_total}' \
-        -F title=bench -F "file=@$TMP/h2.bin" "http://$LISTEN/upload") || die "curl $* failed"
-    local code up secs
-    read -r code up secs <<<"$out"
-    [ "$code" = 200 ] || die "curl got $code"
+    local out code up secs
+    out=$(curl_upload "$1" "http://$LISTEN/upload" "$TMP/h2.bin")
+    read -r code up secs _ <<<"$out"
+    [ "$code" = 200 ] || die "curl $1 got $code"
     awk -v b="$up" -v t="$secs" 'BEGIN { printf "%.1f", b / 1e6 / t }'
 }
 h1=() h2=()
@@ -175,7 +173,7 @@ h2r=$(ratio "$h2m" "$h1m")
 printf 'HTTP/1.1: %8.1f MB/s median   runs: %s\n' "$h1m" "${h1[*]}"
 printf 'HTTP/2:   %8.1f MB/s median   runs: %s\n' "$h2m" "${h2[*]}"
 echo "ratio h2/h1: $h2r   target >= 0.8: $(verdict "$h2r" ">=" 0.8)"
-rm -f "$TMP/h2.bin"
+rm -f "$TMP/h2.bin" "$TMP/curl.resp" "$TMP/curl.time"
 
 # f. Summary.
 echo
