@@ -371,13 +371,7 @@ fn concurrent_spooled_uploads_share_a_few_file_threads() {
         thread::spawn(move || {
             let mut most = 0;
             while !done.load(Ordering::Relaxed) {
-                let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let n: u64 = s
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Threads:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                most = most.max(n);
+                most = most.max(proc_status(pid, "Threads:"));
                 thread::sleep(Duration::from_millis(5));
             }
             most

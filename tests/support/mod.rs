@@ -581,13 +581,7 @@ impl Unpart {
 
     /// VmRSS / VmHWM of the unpart process in KiB.
     pub fn status_kib(&self, key: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        s.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        proc_status(self.child.id(), key)
     }
 }
 
@@ -597,6 +591,16 @@ impl Drop for Unpart {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A field of `/proc/PID/status` (`VmRSS:` in KiB, `Threads:` a count); 0 when unreadable.
+pub fn proc_status(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A response as a raw client saw it.
