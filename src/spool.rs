@@ -249,7 +249,7 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// Waits for the block in flight, then hands the full one to the blocking pool.
+    /// Waits for the block in flight, then hands the full one to the file threads.
     async fn flush_block(&mut self) -> Result<(), SpoolError> {
         let (spare, mut digests) = match self.wait_pending().await? {
             Some(r) => r,
