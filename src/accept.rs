@@ -12,7 +12,8 @@
 //! Under HTTP/2, the h2 crate reads the socket into whatever room its frame buffer has left,
 //! 8 KiB at a time: a 1 GiB upload took 130 000 `recvfrom` calls. [`ReadAhead`] reads up to
 //! [`READ_AHEAD`] at a time and hands the h2 crate its pieces from memory. HTTP/1 connections
-//! are passed on untouched: the direct body reader (`body.rs`) needs pingora's own stream.
+//! get a deadline for each request head (`head.rs`), which reads nothing ahead: the direct
+//! body reader (`body.rs`) reads the socket under it.
 
 use std::io;
 use std::pin::Pin;
@@ -24,13 +25,11 @@ use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::raw_connect::ProxyDigest;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType, ALPN,
-};
+use pingora::protocols::{Peek, Ssl, Stream, ALPN};
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::head::HeadDeadline;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -46,15 +45,18 @@ pub struct Accept<A> {
     h2c: bool,
     /// How long a new connection may take to send its first bytes.
     first_bytes: Duration,
+    /// How long an HTTP/1 request head may take (`head.rs`).
+    head: Duration,
 }
 
 impl<A> Accept<A> {
     /// `proxy` must have pingora's own h2c detection off (`HttpServerOptions::h2c`).
-    pub fn new(proxy: A, h2c: bool, first_bytes: Duration) -> Self {
+    pub fn new(proxy: A, h2c: bool, first_bytes: Duration, head: Duration) -> Self {
         Accept {
             proxy: Arc::new(proxy),
             h2c,
             first_bytes,
+            head,
         }
     }
 }
@@ -141,9 +143,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Accept<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut next = Some(self.sort(stream, shutdown).await?);
-        // pingora hands back a reusable HTTP/1 connection for its next request. Serving it
-        // here (as pingora's service loop would) keeps the sorting to the connection's start.
+        let stream = self.sort(stream, shutdown).await?;
+        // HTTP/2 (h2c here, or ALPN h2 under TLS) is the h2 crate's to time.
+        let mut next = Some(if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            stream
+        } else {
+            Box::new(HeadDeadline::new(stream, self.head)) as Stream
+        });
+        // pingora serves a keep-alive connection's requests itself; should it ever hand one
+        // back for the next request, serving it here keeps the sorting to the connection's
+        // start.
         while let Some(s) = next {
             next = self.proxy.process_new(s, shutdown).await;
         }
@@ -203,88 +212,13 @@ impl AsyncRead for ReadAhead {
     }
 }
 
-impl AsyncWrite for ReadAhead {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[async_trait]
-impl Shutdown for ReadAhead {
-    async fn shutdown(&mut self) {
-        self.inner.shutdown().await
-    }
-}
-
-impl UniqueID for ReadAhead {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
+crate::stream::delegate_to_inner!(ReadAhead);
 
 impl Ssl for ReadAhead {
     /// Cleartext: this is how pingora's HTTP/2 switch learns the protocol (its own h2c
     /// detection is off).
     fn selected_alpn_proto(&self) -> Option<ALPN> {
         Some(ALPN::H2)
-    }
-}
-
-impl GetTimingDigest for ReadAhead {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for ReadAhead {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-
-    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
-    }
-}
-
-impl GetSocketDigest for ReadAhead {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-
-    fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.inner.set_socket_digest(digest)
     }
 }
 

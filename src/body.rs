@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 use tokio::io::AsyncReadExt;
@@ -347,7 +346,7 @@ fn plan(session: &mut Session) -> Option<(u64, Box<Direct>)> {
 fn direct_socket(session: &Session) -> Option<TcpStream> {
     let h1 = session.as_downstream().as_http1()?;
     // TLS and Unix-socket clients are expected here: pingora reads their bodies.
-    let l4 = h1.stream().as_any().downcast_ref::<L4Stream>()?;
+    let l4 = crate::head::l4(h1.stream())?;
     // Bytes in an l4 read buffer (or put back with `rewind`) would be skipped by a direct
     // read. pingora exposes neither, so check its `Debug` form: an unknown form reads as
     // "buffered", which only means pingora reads this body.

@@ -195,6 +195,9 @@ pub struct TimeoutsConf {
     pub client_body_min_rate: ByteSize,
     /// An idle HTTP keep-alive (or HTTP/2) client connection is closed after this.
     pub client_keepalive: Seconds,
+    /// A whole HTTP/1 request head must arrive within this: from a new connection's start,
+    /// from the first byte of a later request on a reused one (`head.rs`).
+    pub client_head: Seconds,
     pub upstream_connect: Seconds,
     /// Per read of the upstream response.
     pub upstream_read: Seconds,
@@ -211,6 +214,7 @@ impl Default for TimeoutsConf {
             client_body_idle: s(60),
             client_body_min_rate: ByteSize(500),
             client_keepalive: s(60),
+            client_head: s(30),
             upstream_connect: s(5),
             upstream_read: s(60),
             upstream_write: s(60),
@@ -761,6 +765,7 @@ mod tests {
         assert_eq!(c.mode, d.mode);
         assert_eq!(c.headers.reserved_prefixes, d.headers.reserved_prefixes);
         assert_eq!(c.timeouts.client_body_idle, d.timeouts.client_body_idle);
+        assert_eq!(c.timeouts.client_head, d.timeouts.client_head);
         assert_eq!(c.timeouts.upstream_read, d.timeouts.upstream_read);
         assert_eq!(c.pid_file, d.pid_file);
         assert_eq!(c.h2c, d.h2c);

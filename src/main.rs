@@ -101,7 +101,12 @@ fn main() -> ExitCode {
     app.h2_options = Some(listener::h2_options());
     let mut proxy = Service::new(
         "unpart proxy".to_string(),
-        accept::Accept::new(app, settings.h2c, settings.timeouts.client_keepalive.0),
+        accept::Accept::new(
+            app,
+            settings.h2c,
+            settings.timeouts.client_keepalive.0,
+            settings.timeouts.client_head.0,
+        ),
     );
     if let Err(e) = listener::add(&mut proxy, &settings) {
         eprintln!("unpart: {e}");

@@ -15,6 +15,7 @@ use crate::answer;
 use crate::config::{Mode, Settings};
 use crate::drain::InFlight;
 use crate::forward::{Failure, Stats};
+use crate::head;
 use crate::metrics;
 use crate::multipart;
 use crate::rewrite;
@@ -70,6 +71,7 @@ impl ProxyHttp for Unpart {
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        head::head_done(session);
         // On every request, multipart or not: a client must never forge the contract headers.
         let removed = rewrite::strip_reserved(session.req_header_mut(), &self.settings.headers);
         if removed > 0 {
@@ -184,6 +186,7 @@ impl ProxyHttp for Unpart {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        head::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let (bytes_in, bytes_out, outcome) = match &ctx.handled {
             Some(s) => (s.bytes_in, s.bytes_out, s.outcome.to_string()),

@@ -132,6 +132,17 @@ impl Reject {
         )
     }
 
+    pub fn head_timeout(secs: f64) -> Reject {
+        Reject {
+            limit: Some("timeouts.client_head"),
+            ..Reject::new(
+                408,
+                "head_timeout",
+                format!("the request head was not complete within {secs} s"),
+            )
+        }
+    }
+
     pub fn client_too_slow(rate: u64, min: u64) -> Reject {
         Reject {
             limit: Some("timeouts.client_body_min_rate"),

@@ -17,7 +17,7 @@ use support::*;
 /// Short timeouts so every timeout path runs in seconds; `upstream_idle: 1` empties the
 /// backend pool quickly, so descriptors and tasks can be compared exactly.
 const BASE: &str = "timeouts: {client_body_idle: 2, client_body_min_rate: 200, upstream_read: 3, \
-upstream_write: 3, upstream_idle: 1, client_keepalive: 2}\nspool: {dir: \"{dir}/spool\"}\n\
+upstream_write: 3, upstream_idle: 1, client_keepalive: 2, client_head: 2}\nspool: {dir: \"{dir}/spool\"}\n\
 routes:\n  - prefix: /length/\n    framing: length\n  - prefix: /spool/\n    mode: spool\n";
 
 const ROUTES: [&str; 3] = ["/stream/up", "/length/up", "/spool/up"];
@@ -614,6 +614,121 @@ fn slow_and_idle_clients_hit_their_timeouts_and_leave_nothing() {
     assert!(closed_from.elapsed() < Duration::from_secs(1));
     up.take();
     back_to(&u, &base, "after slow and idle clients");
+}
+
+/// Writes `bytes` one at a time, `gap` apart, until done or the connection fails.
+fn drip(s: &TcpStream, bytes: &[u8], gap: Duration) -> thread::JoinHandle<()> {
+    let mut w = s.try_clone().unwrap();
+    let bytes = bytes.to_vec();
+    thread::spawn(move || {
+        for b in bytes {
+            if w.write_all(&[b]).is_err() {
+                return;
+            }
+            thread::sleep(gap);
+        }
+    })
+}
+
+/// An answer, how long it took from `since`, and whether the connection then closed.
+fn answer_and_close(s: &TcpStream, since: Instant) -> (u16, serde_json::Value, Duration, bool) {
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let resp = read_response(&mut r).expect("an answer");
+    let took = since.elapsed();
+    let mut rest = Vec::new();
+    let closed = matches!(r.read_to_end(&mut rest), Ok(0));
+    (resp.status, resp.json(), took, closed)
+}
+
+#[test]
+fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing() {
+    let (up, u) = start();
+    let b = body(300_000);
+    warm_up(&u, &up, &b);
+    let base = settled(&u);
+    let (req, head) = request(ROUTES[0], Wire::Length, &b.bytes);
+
+    // A head dripped a byte every 200 ms (slowloris: never idle for pingora's per-read
+    // timeout), and a connection that sends nothing: 408 client_head (2 s) after connecting.
+    let dripped = {
+        let (addr, req) = (u.addr.clone(), req[..head].to_vec());
+        thread::spawn(move || {
+            let s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let start = Instant::now();
+            let writer = drip(&s, &req, Duration::from_millis(200));
+            let a = answer_and_close(&s, start);
+            drop(s);
+            writer.join().unwrap();
+            a
+        })
+    };
+    let silent = {
+        let addr = u.addr.clone();
+        thread::spawn(move || {
+            let s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            answer_and_close(&s, Instant::now())
+        })
+    };
+    for (what, h) in [("dripped", dripped), ("silent", silent)] {
+        let (status, json, took, closed) = h.join().unwrap();
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (408, Some("head_timeout")),
+            "{what}"
+        );
+        assert_eq!(json["limit"], "timeouts.client_head", "{what}");
+        assert!(
+            took >= Duration::from_millis(1800) && took < Duration::from_secs(6),
+            "{what}: answered after {took:?}"
+        );
+        assert!(closed, "{what}: the connection stayed open");
+    }
+
+    // On a keep-alive connection the wait for the next request is client_keepalive's, and the
+    // next head is timed from its first byte: idle 1.5 s, then a head taking 1.2 s, is fine.
+    let s = TcpStream::connect(&u.addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    w.write_all(&req).unwrap();
+    assert_eq!(read_response(&mut r).unwrap().status, 200);
+    thread::sleep(Duration::from_millis(1500));
+    for piece in req[..head].chunks(head.div_ceil(6)) {
+        w.write_all(piece).unwrap();
+        thread::sleep(Duration::from_millis(200));
+    }
+    w.write_all(&req[head..]).unwrap();
+    assert_eq!(read_response(&mut r).unwrap().status, 200);
+    // The third head on it drips: 408 about 2 s after its first byte.
+    let start = Instant::now();
+    let writer = drip(&s, &req[..head], Duration::from_millis(200));
+    let (status, json, took, closed) = answer_and_close(&s, start);
+    drop((w, r, s));
+    writer.join().unwrap();
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (408, Some("head_timeout"))
+    );
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(6),
+        "answered after {took:?}"
+    );
+    assert!(closed);
+
+    // Only the two complete requests reached the backend.
+    assert_eq!(up.received_after(Duration::from_millis(300)).len(), 2);
+    let log = u.log_text();
+    assert_eq!(log.matches("408 head_timeout").count(), 3, "{log}");
+    let metrics = admin_get(&u, "/metrics");
+    assert!(
+        metrics.contains(
+            "unpart_rejections_total{limit=\"timeouts.client_head\",reason=\"head_timeout\"} 3"
+        ),
+        "{metrics}"
+    );
+    back_to(&u, &base, "after slow request heads");
 }
 
 #[test]
