@@ -97,6 +97,27 @@ fn form_without_a_file_is_forwarded_with_an_empty_body() {
     );
 }
 
+/// `upstream: localhost:PORT` (a sidecar's usual setting) is looked up, for uploads and for
+/// proxied requests alike.
+#[test]
+fn a_host_name_upstream_is_looked_up() {
+    let up = Upstream::start();
+    let port = up.addr.rsplit(':').next().unwrap();
+    let unpart = Unpart::start(&format!("localhost:{port}"), "");
+    for i in 0..3 {
+        let body = form(
+            "bh",
+            &[("n", None, None, b"1"), ("f", Some("a.txt"), None, b"abc")],
+        );
+        let resp = raw_request(&unpart.addr, &post("/f", &mp("bh"), &body, "")).unwrap();
+        assert_eq!(resp.status, 200, "upload {i}");
+    }
+    let resp = raw_request(&unpart.addr, b"GET /plain HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(resp.status, 200);
+    let got = up.wait_for(4);
+    assert!(got[..3].iter().all(|r| r.complete && r.body_len == 3));
+}
+
 #[test]
 fn keep_alive_on_both_sides() {
     let up = Upstream::start();
