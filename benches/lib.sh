@@ -130,6 +130,28 @@ pick_port() {
 
 # status_of PID KEY: a field of /proc/PID/status (VmRSS and VmHWM in KiB, Threads a count).
 status_of() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+
+# Waits (at most $1 seconds) until the machine is quiet: its CPUs at least 90 % idle over half a
+# second (iowait counts as busy) and under 64 MiB of page cache dirty or under writeback. A
+# spool run leaves gigabytes to write back, and measuring meanwhile measures the disk. Prints
+# a note when it gives up.
+quiet() {
+    local d idle dirty a b
+    d=$(deadline "$1")
+    while :; do
+        a=$(awk '$1 == "cpu" { print $5, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+        sleep 0.5
+        b=$(awk '$1 == "cpu" { print $5, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+        idle=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+            t = y[2] - x[2]; printf "%d", (t > 0 ? 100 * (y[1] - x[1]) / t : 100) }')
+        dirty=$(awk '$1 == "Dirty:" || $1 == "Writeback:" { k += $2 } END { print k + 0 }' /proc/meminfo)
+        [ "$idle" -ge 90 ] && [ "$dirty" -lt 65536 ] && return 0
+        if ! before "$d"; then
+            echo "  note: machine not quiet after $1 s (CPU ${idle}% idle, $((dirty / 1024)) MiB dirty or in writeback)"
+            return 0
+        fi
+    done
+}
 kib_of() { status_of "$@"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 

@@ -294,11 +294,13 @@ hwm_kib() {
     for p in "$@"; do t=$((t + $(kib_of "$p" VmHWM))); done
     echo "$t"
 }
-# Waits (at most 20 s) until unpart is idle again after the previous run: no more threads than
-# after the warm-up (tokio's blocking-pool threads idle 10 s before they exit) and its RSS no longer
-# falling (jemalloc returns freed pages within a second). So a path's peak RSS is its own, not
-# what the run before it (a spool run, say) left behind. Other paths need no wait.
+# Waits for a quiet machine (at most 30 s), then, for unpart's paths, (at most 20 s) until unpart
+# is idle again after the previous run: no more threads than after the warm-up (tokio's
+# blocking-pool threads idle 10 s before they exit) and its RSS no longer falling (jemalloc
+# returns freed pages within a second). So a path's peak RSS is its own, not what the run before
+# it (a spool run, say) left behind.
 settle() {
+    quiet 30
     case $1 in stream | spool) ;; *) return 0 ;; esac
     local d t r0 r1
     d=$(deadline 20)
@@ -520,6 +522,7 @@ if [ "$H2" = 1 ]; then
             if [ "$p" = nginx ] && [ "$v" = h2 ]; then addr=$NGINX_H2_ADDR; else addr=$(addr_of "$p"); fi
             if [ "$v" = h2 ]; then flag=--http2-prior-knowledge; else flag=--http1.1; fi
             read -r -a cp <<<"$(cpu_pids "$p")"
+            quiet 30
             t0=$(ticks "${cp[@]}")
             out=$(curl_upload "$flag" "http://$addr$(upath_of "$p")" "$TMP/h2.bin")
             t1=$(ticks "${cp[@]}")
