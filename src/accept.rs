@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::{Peek, Ssl, Stream, ALPN};
+use pingora::protocols::{Peek, Shutdown, Ssl, Stream, ALPN};
 use pingora::server::ShutdownWatch;
 
 use crate::head::HeadDeadline;
@@ -143,12 +143,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Accept<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // The first head is timed from here, the h2c check included.
+        let start = tokio::time::Instant::now();
         let stream = self.sort(stream, shutdown).await?;
         // HTTP/2 (h2c here, or ALPN h2 under TLS) is the h2 crate's to time.
         let mut next = Some(if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             stream
         } else {
-            Box::new(HeadDeadline::new(stream, self.head)) as Stream
+            Box::new(HeadDeadline::new(stream, self.head, start)) as Stream
         });
         // pingora serves a keep-alive connection's requests itself; should it ever hand one
         // back for the next request, serving it here keeps the sorting to the connection's
@@ -213,6 +215,13 @@ impl AsyncRead for ReadAhead {
 }
 
 crate::stream::delegate_to_inner!(ReadAhead);
+
+#[async_trait]
+impl Shutdown for ReadAhead {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
 
 impl Ssl for ReadAhead {
     /// Cleartext: this is how pingora's HTTP/2 switch learns the protocol (its own h2c

@@ -23,10 +23,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::{Peek, Ssl, Stream, ALPN};
+use pingora::protocols::{Peek, Shutdown, Ssl, Stream, ALPN};
 use pingora::proxy::Session;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::reject::Reject;
 
@@ -44,25 +44,40 @@ pub struct HeadDeadline {
     /// Set through a shared reference by [`head_done`].
     state: AtomicU8,
     deadline: Option<Pin<Box<Sleep>>>,
-    /// Past the deadline: the 408 is sent, and the client's bytes are read and dropped until
-    /// it closes or this ends ([`LINGER`]). Closing at once with its bytes unread would make
-    /// the kernel reset the connection, and the client would likely lose the answer.
-    linger: Option<(Pin<Box<Sleep>>, usize)>,
+    /// Some byte of the head being timed has arrived.
+    heard: bool,
+    expired: Option<Expired>,
 }
 
-/// How long, and how many bytes at most, the client's bytes are drained after a 408.
+/// Past the deadline. A client that sent part of a head gets 408, then the connection is
+/// half-closed and what the client still sends is read and dropped until it closes or
+/// [`LINGER`] ends: closing at once with its bytes unread would make the kernel reset the
+/// connection, and the client would likely lose the answer. A client that sent nothing is
+/// closed without a word, as nginx and HAProxy do: it may be an idle preconnect about to send
+/// a request, which must not read a 408 as its answer.
+struct Expired {
+    answer: Vec<u8>,
+    written: usize,
+    shut: bool,
+    until: Pin<Box<Sleep>>,
+    drained: usize,
+}
+
+/// How long, and how many bytes at most, the client's bytes are drained after a 408; also
+/// the longest pingora's closing shutdown may wait for the client to take the 408.
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 64 << 10;
 
 impl HeadDeadline {
-    /// A new connection: its first head is timed from now.
-    pub fn new(inner: Stream, limit: Duration) -> Self {
+    /// A new connection that arrived at `start`: its first head is timed from then.
+    pub fn new(inner: Stream, limit: Duration, start: Instant) -> Self {
         HeadDeadline {
             inner,
             limit,
             state: AtomicU8::new(TIMED),
-            deadline: Some(Box::pin(tokio::time::sleep(limit))),
-            linger: None,
+            deadline: Some(Box::pin(tokio::time::sleep_until(start + limit))),
+            heard: false,
+            expired: None,
         }
     }
 
@@ -75,58 +90,90 @@ impl HeadDeadline {
         self.state.store(DONE, Ordering::Relaxed);
     }
 
-    /// Answers 408 and half-closes, best effort: the client has sent only part of a head and
-    /// reads nothing yet, so the socket's send buffer has room for these few hundred bytes.
-    fn expire(&mut self, cx: &mut Context<'_>) {
-        let r = Reject::head_timeout(self.limit.as_secs_f64());
-        crate::metrics::rejected(r.error, r.limit);
+    fn expire(&mut self) {
+        self.deadline = None;
         let peer = self
             .inner
             .get_socket_digest()
             .and_then(|d| d.peer_addr().map(|a| a.to_string()))
             .unwrap_or_else(|| "a client".into());
-        log::info!("{peer}: 408 {}: {}; closing", r.error, r.detail);
-        let body = r.body();
-        let mut answer = format!(
-            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        answer.extend_from_slice(&body);
-        let _ = Pin::new(&mut self.inner).poll_write(cx, &answer);
-        let _ = Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.deadline = None;
-        self.linger = Some((Box::pin(tokio::time::sleep(LINGER)), 0));
+        let mut answer = Vec::new();
+        if self.heard {
+            let r = Reject::head_timeout(self.limit.as_secs_f64());
+            crate::metrics::rejected(r.error, r.limit);
+            log::info!("{peer}: 408 {}: {}; closing", r.error, r.detail);
+            let body = r.body();
+            answer = format!(
+                "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            answer.extend_from_slice(&body);
+        } else {
+            log::debug!("{peer}: sent no request within timeouts.client_head; closing");
+        }
+        self.expired = Some(Expired {
+            answer,
+            written: 0,
+            shut: false,
+            until: Box::pin(tokio::time::sleep(LINGER)),
+            drained: 0,
+        });
     }
 
-    /// Drains what the client still sends after the 408; the error for pingora once the
-    /// client has closed or the linger is over.
-    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let done = || {
+    /// Writes what is left of the 408, then half-closes; never waits. What the socket does not
+    /// take now is retried on the next poll, and given up with the linger.
+    fn push(&mut self, cx: &mut Context<'_>) {
+        let Some(x) = self.expired.as_mut() else {
+            return;
+        };
+        while x.written < x.answer.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &x.answer[x.written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => x.written += n,
+                Poll::Ready(_) => {
+                    x.written = x.answer.len();
+                    x.shut = true;
+                }
+                Poll::Pending => return,
+            }
+        }
+        if !x.shut && Pin::new(&mut self.inner).poll_shutdown(cx).is_ready() {
+            x.shut = true;
+        }
+    }
+
+    /// After the deadline: the error for pingora once the client has closed, sent
+    /// [`LINGER_BYTES`] more, or the linger is over (at once for a client that sent nothing).
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let err = || {
             io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request head not complete within timeouts.client_head",
             )
         };
-        let Some((until, drained)) = self.linger.as_mut() else {
-            return Poll::Ready(done());
+        self.push(cx);
+        let Some(x) = self.expired.as_mut() else {
+            return Poll::Ready(err());
         };
+        if x.answer.is_empty() {
+            return Poll::Ready(err());
+        }
         let mut scratch = [0u8; 4096];
-        while *drained < LINGER_BYTES {
+        while x.drained < LINGER_BYTES {
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => *drained += buf.filled().len(),
-                Poll::Ready(_) => return Poll::Ready(done()),
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => x.drained += buf.filled().len(),
+                Poll::Ready(_) => return Poll::Ready(err()),
                 Poll::Pending => {
-                    return match until.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(done()),
+                    return match x.until.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(err()),
                         Poll::Pending => Poll::Pending,
                     }
                 }
             }
         }
-        Poll::Ready(done())
+        Poll::Ready(err())
     }
 }
 
@@ -175,31 +222,35 @@ impl AsyncRead for HeadDeadline {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.expired.is_some() {
+            return this.poll_expired(cx).map(Err);
+        }
         let state = this.state.load(Ordering::Relaxed);
-        if state != TIMED && this.linger.is_none() {
+        if state != TIMED {
             // A finished head's deadline, or none yet for the next one.
             this.deadline = None;
+            this.heard = false;
         }
         if state == DONE {
             return Pin::new(&mut this.inner).poll_read(cx, out);
         }
-        if this.linger.is_none() && this.deadline.as_ref().is_some_and(|d| d.is_elapsed()) {
-            this.expire(cx);
-        }
-        if this.linger.is_some() {
-            return this.poll_linger(cx).map(Err);
+        if this.deadline.as_ref().is_some_and(|d| d.is_elapsed()) {
+            this.expire();
+            return this.poll_expired(cx).map(Err);
         }
         let before = out.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, out) {
             Poll::Ready(Ok(())) => {
-                if state == WAITING
-                    && out.filled().len() > before
-                    && this
-                        .state
-                        .compare_exchange(WAITING, TIMED, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    this.deadline = Some(Box::pin(tokio::time::sleep(this.limit)));
+                if out.filled().len() > before {
+                    this.heard = true;
+                    if state == WAITING
+                        && this
+                            .state
+                            .compare_exchange(WAITING, TIMED, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        this.deadline = Some(Box::pin(tokio::time::sleep(this.limit)));
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -210,8 +261,8 @@ impl AsyncRead for HeadDeadline {
                     .as_mut()
                     .is_some_and(|d| d.as_mut().poll(cx).is_ready());
                 if due {
-                    this.expire(cx);
-                    this.poll_linger(cx).map(Err)
+                    this.expire();
+                    this.poll_expired(cx).map(Err)
                 } else {
                     Poll::Pending
                 }
@@ -221,6 +272,19 @@ impl AsyncRead for HeadDeadline {
 }
 
 crate::stream::delegate_to_inner!(HeadDeadline);
+
+#[async_trait::async_trait]
+impl Shutdown for HeadDeadline {
+    async fn shutdown(&mut self) {
+        if self.expired.is_some() {
+            // pingora's closing shutdown flushes the 408 first: a client that reads nothing
+            // must not hold the connection that way either.
+            let _ = tokio::time::timeout(LINGER, self.inner.shutdown()).await;
+        } else {
+            self.inner.shutdown().await
+        }
+    }
+}
 
 impl Ssl for HeadDeadline {
     fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
@@ -266,7 +330,7 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         (
             client,
-            HeadDeadline::new(Box::new(L4Stream::from(server)), limit),
+            HeadDeadline::new(Box::new(L4Stream::from(server)), limit, Instant::now()),
         )
     }
 
@@ -312,11 +376,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_silent_new_connection_is_timed_and_a_done_head_is_not() {
-        let (_client, mut h) = pair(Duration::from_millis(100)).await;
+    async fn a_silent_new_connection_is_closed_unanswered_and_a_done_head_is_not_timed() {
+        let (mut client, mut h) = pair(Duration::from_millis(100)).await;
         let mut buf = [0u8; 8];
         let e = h.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        Shutdown::shutdown(&mut h).await;
+        drop(h);
+        // No 408 for a connection that never sent a byte: it may be a preconnect.
+        assert_eq!(answer(&mut client).await, "");
 
         let (mut client, mut h) = pair(Duration::from_millis(100)).await;
         h.done();
@@ -325,6 +393,38 @@ mod tests {
         assert!(idle.is_err(), "the read ended: {idle:?}");
         client.write_all(b"abc").await.unwrap();
         assert_eq!(h.read(&mut buf).await.unwrap(), 3);
+    }
+
+    /// A client that reads nothing (its previous answer filled the socket) cannot take the
+    /// 408: the read must not wait for it past the linger. (The bounded closing shutdown is
+    /// not checked here: it only waits behind pingora's own write buffer, which a stream
+    /// made outside pingora does not have.)
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_does_not_hold_the_connection() {
+        let (mut client, mut h) = pair(Duration::from_millis(200)).await;
+        let chunk = vec![b'x'; 1 << 16];
+        while tokio::time::timeout(Duration::from_millis(100), h.write_all(&chunk))
+            .await
+            .is_ok()
+        {}
+        client.write_all(b"GET / HT").await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), h.read(&mut buf)).await {
+                Ok(Ok(n)) => assert!(n > 0, "ended"),
+                Ok(Err(e)) => {
+                    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+                    break;
+                }
+                Err(_) => panic!("the read waited for a client that reads nothing"),
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test]

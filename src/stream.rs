@@ -1,8 +1,8 @@
 //! What unpart's client-connection wrappers (`accept::ReadAhead`, `head::HeadDeadline`) pass
-//! straight to the pingora stream they wrap: writing, shutdown and the digests pingora logs.
-//! Each wrapper writes its own reading, `Ssl` and `Peek`.
+//! straight to the pingora stream they wrap: writing and the digests pingora logs.
+//! Each wrapper writes its own reading, `Shutdown`, `Ssl` and `Peek`.
 
-/// Implements `AsyncWrite`, `Shutdown`, `UniqueID` and the digest traits for `$t` by
+/// Implements `AsyncWrite`, `UniqueID` and the digest traits for `$t` by
 /// delegating to its `inner: pingora::protocols::Stream` field.
 macro_rules! delegate_to_inner {
     ($t:ty) => {
@@ -39,13 +39,6 @@ macro_rules! delegate_to_inner {
                 cx: &mut std::task::Context<'_>,
             ) -> std::task::Poll<std::io::Result<()>> {
                 std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-            }
-        }
-
-        #[async_trait::async_trait]
-        impl pingora::protocols::Shutdown for $t {
-            async fn shutdown(&mut self) {
-                self.inner.shutdown().await
             }
         }
 

@@ -98,10 +98,17 @@ fn form_without_a_file_is_forwarded_with_an_empty_body() {
 }
 
 /// `upstream: localhost:PORT` (a sidecar's usual setting) is looked up, for uploads and for
-/// proxied requests alike.
+/// proxied requests alike. The backend listens where `localhost` resolves first (127.0.0.1
+/// here, ::1 on some systems): the address unpart uses.
 #[test]
 fn a_host_name_upstream_is_looked_up() {
-    let up = Upstream::start();
+    use std::net::ToSocketAddrs;
+    let first = ("localhost", 0)
+        .to_socket_addrs()
+        .expect("localhost resolves")
+        .next()
+        .expect("an address");
+    let up = Upstream::start_at(first.ip());
     let port = up.addr.rsplit(':').next().unwrap();
     let unpart = Unpart::start(&format!("localhost:{port}"), "");
     for i in 0..3 {

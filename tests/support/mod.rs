@@ -169,7 +169,12 @@ conn!(std::os::unix::net::UnixStream);
 
 impl Upstream {
     pub fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        Upstream::start_at("127.0.0.1".parse().expect("IP"))
+    }
+
+    /// The same upstream on a free port of `ip`.
+    pub fn start_at(ip: std::net::IpAddr) -> Upstream {
+        let listener = TcpListener::bind((ip, 0)).expect("bind upstream");
         let addr = listener.local_addr().expect("addr").to_string();
         listener.set_nonblocking(true).expect("nonblocking");
         Upstream::serve(addr, move || listener.accept().map(|(c, _)| c))
