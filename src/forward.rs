@@ -125,17 +125,10 @@ impl Backend<'_> {
         framing: Framing,
         stats: &mut Stats,
     ) -> Result<Upstream, Failure> {
-        let peer = upstream::peer(self.settings)
-            .await
-            .map_err(Reject::upstream_unreachable)?;
         let head = rewrite::upstream_head(session.req_header(), form, content_type, framing)
             .map_err(|e| Reject::upstream_failed(format!("building the request head: {e}")))?;
         for attempt in 0..2 {
-            let (mut http, reused) = self
-                .connector
-                .get_http_session(&peer)
-                .await
-                .map_err(|e| Reject::upstream_unreachable(e.etype().as_str()))?;
+            let (mut http, reused, peer) = self.session().await?;
             // pingora's h1 connector does not apply the peer's read/write timeouts itself.
             let t = &self.settings.timeouts;
             http.set_read_timeout(Some(t.upstream_read.0));
@@ -158,6 +151,27 @@ impl Backend<'_> {
             }
         }
         Err(Reject::upstream_failed("no connection").into())
+    }
+
+    /// A connection to the backend, pooled or new. A host name's address that refuses it
+    /// gives way to the name's next address (`upstream::refused`), each tried once.
+    async fn session(&self) -> Result<(HttpSession, bool, HttpPeer), Failure> {
+        let mut tries = 0;
+        loop {
+            let peer = upstream::peer(self.settings)
+                .await
+                .map_err(Reject::upstream_unreachable)?;
+            match self.connector.get_http_session(&peer).await {
+                Ok((http, reused)) => return Ok((http, reused, peer)),
+                Err(e) => {
+                    tries += 1;
+                    if tries < upstream::MAX_ADDRESSES && upstream::refused(self.settings, &peer) {
+                        continue;
+                    }
+                    return Err(Reject::upstream_unreachable(e.etype().as_str()).into());
+                }
+            }
+        }
     }
 
     /// Writes body bytes. On failure the connection is gone and the client gets the

@@ -165,6 +165,21 @@ impl ProxyHttp for Unpart {
         }
     }
 
+    /// A host name's address that refuses the connection gives way to its next address, and
+    /// pingora retries (up to its `max_retries`).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        _ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if crate::upstream::refused(&self.settings, peer) {
+            e.set_retry(true);
+        }
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,

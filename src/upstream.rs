@@ -13,11 +13,21 @@ use crate::config::{Settings, UpstreamAddr};
 /// (a sidecar's usual upstream); a few seconds still follow a DNS change soon.
 pub const RESOLVED_FOR: Duration = Duration::from_secs(5);
 
-/// The last lookup: the address as configured, what it resolved to, and when.
-static LAST: Mutex<Option<(String, SocketAddr, Instant)>> = Mutex::new(None);
+/// The most addresses of one name tried for one request.
+pub const MAX_ADDRESSES: usize = 8;
+
+/// The last lookup: the address as configured, its addresses (the one to use first), and when.
+struct Lookup {
+    addr: String,
+    socks: Vec<SocketAddr>,
+    at: Instant,
+}
+
+static LAST: Mutex<Option<Lookup>> = Mutex::new(None);
 
 /// `addr`'s socket address: parsed when it is an IP literal, else looked up (at most once per
-/// [`RESOLVED_FOR`]; a failed lookup is not remembered).
+/// [`RESOLVED_FOR`]; a failed lookup is not remembered). Of a name's addresses, the first,
+/// until one [`refused`]; a new lookup keeps the one in use first while it is still listed.
 pub async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
     if let Ok(sock) = addr.parse::<SocketAddr>() {
         return Ok(sock);
@@ -25,20 +35,64 @@ pub async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
     if let Some(sock) = remembered(addr, Instant::now()) {
         return Ok(sock);
     }
-    let sock = tokio::net::lookup_host(addr)
-        .await?
-        .next()
-        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))?;
-    if let Ok(mut last) = LAST.lock() {
-        *last = Some((addr.to_string(), sock, Instant::now()));
+    let mut socks: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+    let Some(&first) = socks.first() else {
+        return Err(std::io::Error::other(format!(
+            "{addr} resolves to no address"
+        )));
+    };
+    let Ok(mut last) = LAST.lock() else {
+        return Ok(first);
+    };
+    if let Some(prev) = last.as_ref().filter(|l| l.addr == addr) {
+        if let Some(i) = socks.iter().position(|s| Some(s) == prev.socks.first()) {
+            socks[..=i].rotate_right(1);
+        }
     }
+    let sock = socks[0];
+    *last = Some(Lookup {
+        addr: addr.to_string(),
+        socks,
+        at: Instant::now(),
+    });
     Ok(sock)
 }
 
 fn remembered(addr: &str, now: Instant) -> Option<SocketAddr> {
     let last = LAST.lock().ok()?;
-    let (a, sock, at) = last.as_ref()?;
-    (a == addr && now.saturating_duration_since(*at) < RESOLVED_FOR).then_some(*sock)
+    let l = last.as_ref()?;
+    (l.addr == addr && now.saturating_duration_since(l.at) < RESOLVED_FOR)
+        .then(|| l.socks.first().copied())
+        .flatten()
+}
+
+/// A connection to `peer` failed. When the configured upstream is a host name with more
+/// addresses, the next one is used from now on (`localhost` often resolves to `::1` first,
+/// and a backend may listen on 127.0.0.1 only). True when there is another to try.
+pub fn refused(settings: &Settings, peer: &HttpPeer) -> bool {
+    use pingora::upstreams::peer::Peer;
+    let (UpstreamAddr::Tcp(addr), Some(sock)) = (&settings.upstream, peer.address().as_inet())
+    else {
+        return false;
+    };
+    move_on(addr, *sock)
+}
+
+fn move_on(addr: &str, sock: SocketAddr) -> bool {
+    let Ok(mut last) = LAST.lock() else {
+        return false;
+    };
+    match last.as_mut() {
+        Some(l) if l.addr == addr && l.socks.len() > 1 && l.socks[0] == sock => {
+            l.socks.rotate_left(1);
+            log::warn!(
+                "upstream {addr}: connecting to {sock} failed; trying {}",
+                l.socks[0]
+            );
+            true
+        }
+        _ => false,
+    }
 }
 
 /// The upstream as a peer, with the configured timeouts.
@@ -73,10 +127,10 @@ mod tests {
         let first = resolve("localhost:8081").await.unwrap();
         assert!(first.ip().is_loopback());
         assert_eq!(first.port(), 8081);
-        let at = LAST.lock().unwrap().as_ref().unwrap().2;
+        let at = LAST.lock().unwrap().as_ref().unwrap().at;
         assert_eq!(resolve("localhost:8081").await.unwrap(), first);
         assert_eq!(
-            LAST.lock().unwrap().as_ref().unwrap().2,
+            LAST.lock().unwrap().as_ref().unwrap().at,
             at,
             "looked up again"
         );
@@ -87,5 +141,28 @@ mod tests {
             remembered("localhost:8081", at + RESOLVED_FOR / 2),
             Some(first)
         );
+
+        // A name with two addresses (set here: no test machine's hosts file has one) moves on
+        // from a refusing address, and back round; one with a single address cannot.
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "[::1]:8081".parse().unwrap(),
+            "127.0.0.1:8081".parse().unwrap(),
+        );
+        *LAST.lock().unwrap() = Some(Lookup {
+            addr: "two:8081".into(),
+            socks: vec![a, b],
+            at: Instant::now(),
+        });
+        assert!(!move_on("other:8081", a));
+        assert!(!move_on("two:8081", b), "b is not in use");
+        assert!(move_on("two:8081", a));
+        assert_eq!(resolve("two:8081").await.unwrap(), b);
+        assert!(move_on("two:8081", b));
+        assert_eq!(resolve("two:8081").await.unwrap(), a);
+        *LAST.lock().unwrap() = None;
+        resolve("localhost:8081").await.unwrap();
+        let only = LAST.lock().unwrap().as_ref().unwrap().socks[0];
+        let single = LAST.lock().unwrap().as_ref().unwrap().socks.len() == 1;
+        assert_eq!(move_on("localhost:8081", only), !single);
     }
 }
