@@ -27,9 +27,9 @@ use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Peek, Shutdown, Ssl, Stream, ALPN};
 use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use crate::head::HeadDeadline;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -154,7 +154,8 @@ impl Backend<'_> {
     }
 
     /// A connection to the backend, pooled or new. A host name's address that refuses it
-    /// gives way to the name's next address (`upstream::refused`), each tried once.
+    /// gives way to the name's next address (`upstream::refused`): each is tried once, so an
+    /// unreachable backend costs at most one connect timeout per address.
     async fn session(&self) -> Result<(HttpSession, bool, HttpPeer), Failure> {
         let mut tries = 0;
         loop {
@@ -165,7 +166,9 @@ impl Backend<'_> {
                 Ok((http, reused)) => return Ok((http, reused, peer)),
                 Err(e) => {
                     tries += 1;
-                    if tries < upstream::MAX_ADDRESSES && upstream::refused(self.settings, &peer) {
+                    if tries < upstream::addresses(self.settings)
+                        && upstream::refused(self.settings, &peer)
+                    {
                         continue;
                     }
                     return Err(Reject::upstream_unreachable(e.etype().as_str()).into());

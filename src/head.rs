@@ -10,7 +10,8 @@
 //! pingora's reads before that are timed, so the body's own timeouts stay in charge of it. Its
 //! last hook ([`request_done`]) readies the deadline for the next head: pingora serves a
 //! keep-alive connection's requests in a loop of its own, with no hook between them.
-//! Past the deadline the client gets 408 `head_timeout` and the connection closes.
+//! Past the deadline a client that sent part of a head gets 408 `head_timeout`, one that sent
+//! nothing gets no answer ([`Expired`]), and the connection closes.
 //!
 //! Reads pass straight through: no buffer, so the direct body reader (`body.rs`) can still
 //! read the socket underneath ([`l4`]).

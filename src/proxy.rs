@@ -53,6 +53,8 @@ pub struct Ctx {
     upstream_time: Option<std::time::Duration>,
     /// Listed in `/debug/pprof/goroutine` until the request ends.
     _listed: Option<tasks::Request>,
+    /// Proxied by pingora: connections to the backend that failed, one per address at most.
+    connect_failures: usize,
 }
 
 #[async_trait]
@@ -67,6 +69,7 @@ impl ProxyHttp for Unpart {
             upstream_sent: None,
             upstream_time: None,
             _listed: None,
+            connect_failures: 0,
         }
     }
 
@@ -166,15 +169,18 @@ impl ProxyHttp for Unpart {
     }
 
     /// A host name's address that refuses the connection gives way to its next address, and
-    /// pingora retries (up to its `max_retries`).
+    /// pingora retries: each address once.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
         peer: &HttpPeer,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if crate::upstream::refused(&self.settings, peer) {
+        ctx.connect_failures += 1;
+        if ctx.connect_failures < crate::upstream::addresses(&self.settings)
+            && crate::upstream::refused(&self.settings, peer)
+        {
             e.set_retry(true);
         }
         e

@@ -13,9 +13,6 @@ use crate::config::{Settings, UpstreamAddr};
 /// (a sidecar's usual upstream); a few seconds still follow a DNS change soon.
 pub const RESOLVED_FOR: Duration = Duration::from_secs(5);
 
-/// The most addresses of one name tried for one request.
-pub const MAX_ADDRESSES: usize = 8;
-
 /// The last lookup: the address as configured, its addresses (the one to use first), and when.
 struct Lookup {
     addr: String,
@@ -76,6 +73,21 @@ pub fn refused(settings: &Settings, peer: &HttpPeer) -> bool {
         return false;
     };
     move_on(addr, *sock)
+}
+
+/// How many addresses the upstream has now (1 for an IP literal or a Unix socket): the most
+/// connection attempts one request makes, each address once.
+pub fn addresses(settings: &Settings) -> usize {
+    let UpstreamAddr::Tcp(addr) = &settings.upstream else {
+        return 1;
+    };
+    match LAST.lock() {
+        Ok(last) => last
+            .as_ref()
+            .filter(|l| &l.addr == addr)
+            .map_or(1, |l| l.socks.len().max(1)),
+        Err(_) => 1,
+    }
 }
 
 fn move_on(addr: &str, sock: SocketAddr) -> bool {
@@ -153,6 +165,14 @@ mod tests {
             socks: vec![a, b],
             at: Instant::now(),
         });
+        let settings = |up: &str| {
+            let mut s = crate::config::Config::default().settings().unwrap();
+            s.upstream = UpstreamAddr::Tcp(up.into());
+            s
+        };
+        assert_eq!(addresses(&settings("two:8081")), 2);
+        assert_eq!(addresses(&settings("other:8081")), 1);
+        assert_eq!(addresses(&settings("127.0.0.1:8081")), 1);
         assert!(!move_on("other:8081", a));
         assert!(!move_on("two:8081", b), "b is not in use");
         assert!(move_on("two:8081", a));
