@@ -65,7 +65,8 @@ fn remembered(addr: &str, now: Instant) -> Option<SocketAddr> {
 
 /// A connection to `peer` failed. When the configured upstream is a host name with more
 /// addresses, the next one is used from now on (`localhost` often resolves to `::1` first,
-/// and a backend may listen on 127.0.0.1 only). True when there is another to try.
+/// and a backend may listen on 127.0.0.1 only). True when the request should try again: the
+/// address in use is now another one (the caller bounds its tries by [`addresses`]).
 pub fn refused(settings: &Settings, peer: &HttpPeer) -> bool {
     use pingora::upstreams::peer::Peer;
     let (UpstreamAddr::Tcp(addr), Some(sock)) = (&settings.upstream, peer.address().as_inet())
@@ -95,12 +96,15 @@ fn move_on(addr: &str, sock: SocketAddr) -> bool {
         return false;
     };
     match last.as_mut() {
-        Some(l) if l.addr == addr && l.socks.len() > 1 && l.socks[0] == sock => {
-            l.socks.rotate_left(1);
-            log::warn!(
-                "upstream {addr}: connecting to {sock} failed; trying {}",
-                l.socks[0]
-            );
+        Some(l) if l.addr == addr && l.socks.len() > 1 => {
+            // Another request may have moved on from `sock` already: then just retry.
+            if l.socks[0] == sock {
+                l.socks.rotate_left(1);
+                log::warn!(
+                    "upstream {addr}: connecting to {sock} failed; trying {}",
+                    l.socks[0]
+                );
+            }
             true
         }
         _ => false,
@@ -174,7 +178,9 @@ mod tests {
         assert_eq!(addresses(&settings("other:8081")), 1);
         assert_eq!(addresses(&settings("127.0.0.1:8081")), 1);
         assert!(!move_on("other:8081", a));
-        assert!(!move_on("two:8081", b), "b is not in use");
+        // b failed, but a is the one in use (another request moved on): retry, a stays.
+        assert!(move_on("two:8081", b));
+        assert_eq!(resolve("two:8081").await.unwrap(), a);
         assert!(move_on("two:8081", a));
         assert_eq!(resolve("two:8081").await.unwrap(), b);
         assert!(move_on("two:8081", b));
