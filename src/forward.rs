@@ -153,9 +153,8 @@ impl Backend<'_> {
         Err(Reject::upstream_failed("no connection").into())
     }
 
-    /// A connection to the backend, pooled or new. A host name's address that refuses it
-    /// gives way to the name's next address (`upstream::refused`): each is tried once, so an
-    /// unreachable backend costs at most one connect timeout per address.
+    /// A connection to the backend, pooled or new; a host name's address that refuses it gives
+    /// way to the name's next address (`upstream::try_next`).
     async fn session(&self) -> Result<(HttpSession, bool, HttpPeer), Failure> {
         let mut tries = 0;
         loop {
@@ -166,9 +165,7 @@ impl Backend<'_> {
                 Ok((http, reused)) => return Ok((http, reused, peer)),
                 Err(e) => {
                     tries += 1;
-                    if tries < upstream::addresses(self.settings)
-                        && upstream::refused(self.settings, &peer)
-                    {
+                    if upstream::try_next(self.settings, &peer, tries) {
                         continue;
                     }
                     return Err(Reject::upstream_unreachable(e.etype().as_str()).into());

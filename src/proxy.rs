@@ -178,9 +178,7 @@ impl ProxyHttp for Unpart {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
-        if ctx.connect_failures < crate::upstream::addresses(&self.settings)
-            && crate::upstream::refused(&self.settings, peer)
-        {
+        if crate::upstream::try_next(&self.settings, peer, ctx.connect_failures) {
             e.set_retry(true);
         }
         e

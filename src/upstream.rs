@@ -66,8 +66,8 @@ fn remembered(addr: &str, now: Instant) -> Option<SocketAddr> {
 /// A connection to `peer` failed. When the configured upstream is a host name with more
 /// addresses, the next one is used from now on (`localhost` often resolves to `::1` first,
 /// and a backend may listen on 127.0.0.1 only). True when the request should try again: the
-/// address in use is now another one (the caller bounds its tries by [`addresses`]).
-pub fn refused(settings: &Settings, peer: &HttpPeer) -> bool {
+/// address in use is now another one.
+fn refused(settings: &Settings, peer: &HttpPeer) -> bool {
     use pingora::upstreams::peer::Peer;
     let (UpstreamAddr::Tcp(addr), Some(sock)) = (&settings.upstream, peer.address().as_inet())
     else {
@@ -76,9 +76,15 @@ pub fn refused(settings: &Settings, peer: &HttpPeer) -> bool {
     move_on(addr, *sock)
 }
 
-/// How many addresses the upstream has now (1 for an IP literal or a Unix socket): the most
-/// connection attempts one request makes, each address once.
-pub fn addresses(settings: &Settings) -> usize {
+/// After a request's `failures`-th failed connection (to `peer`): whether it should try again,
+/// on the name's next address. Each address once per request, so an unreachable backend costs
+/// at most one connect timeout per address.
+pub fn try_next(settings: &Settings, peer: &HttpPeer, failures: usize) -> bool {
+    failures < addresses(settings) && refused(settings, peer)
+}
+
+/// How many addresses the upstream has now (1 for an IP literal or a Unix socket).
+fn addresses(settings: &Settings) -> usize {
     let UpstreamAddr::Tcp(addr) = &settings.upstream else {
         return 1;
     };
