@@ -178,13 +178,19 @@ impl HeadDeadline {
     }
 }
 
+/// The client connection's deadline, when it has one (HTTP/1).
+fn deadline_of(session: &Session) -> Option<&HeadDeadline> {
+    session
+        .as_downstream()
+        .as_http1()?
+        .stream()
+        .as_any()
+        .downcast_ref::<HeadDeadline>()
+}
+
 /// Marks the current request's head as read, when the client connection has a deadline.
 pub fn head_done(session: &Session) {
-    if let Some(h) = session
-        .as_downstream()
-        .as_http1()
-        .and_then(|h1| h1.stream().as_any().downcast_ref::<HeadDeadline>())
-    {
+    if let Some(h) = deadline_of(session) {
         h.done();
     }
 }
@@ -196,11 +202,7 @@ pub fn request_done(session: &mut Session) {
     if !session.is_body_done() {
         return;
     }
-    if let Some(h) = session
-        .as_downstream()
-        .as_http1()
-        .and_then(|h1| h1.stream().as_any().downcast_ref::<HeadDeadline>())
-    {
+    if let Some(h) = deadline_of(session) {
         h.next_request();
     }
 }
@@ -401,7 +403,7 @@ mod tests {
     /// not checked here: it only waits behind pingora's own write buffer, which a stream
     /// made outside pingora does not have.)
     #[tokio::test]
-    async fn a_client_that_reads_nothing_does_not_hold_the_connection() {
+    async fn the_deadline_holds_when_the_client_reads_nothing() {
         let (mut client, mut h) = pair(Duration::from_millis(200)).await;
         let chunk = vec![b'x'; 1 << 16];
         while tokio::time::timeout(Duration::from_millis(100), h.write_all(&chunk))
