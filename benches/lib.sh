@@ -130,6 +130,11 @@ pick_port() {
 
 # status_of PID KEY: a field of /proc/PID/status (VmRSS and VmHWM in KiB, Threads a count).
 status_of() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+kib_of() { status_of "$@"; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# cpu_jiffies: the machine's idle and total CPU time so far, "idle total" (iowait is not idle).
+cpu_jiffies() { awk '$1 == "cpu" { print $5, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
 
 # Waits (at most $1 seconds) until the machine is quiet: its CPUs at least 90 % idle over half a
 # second (iowait counts as busy) and under 64 MiB of page cache dirty or under writeback. A
@@ -139,9 +144,9 @@ quiet() {
     local d idle dirty a b
     d=$(deadline "$1")
     while :; do
-        a=$(awk '$1 == "cpu" { print $5, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+        a=$(cpu_jiffies)
         sleep 0.5
-        b=$(awk '$1 == "cpu" { print $5, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+        b=$(cpu_jiffies)
         idle=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
             t = y[2] - x[2]; printf "%d", (t > 0 ? 100 * (y[1] - x[1]) / t : 100) }')
         dirty=$(awk '$1 == "Dirty:" || $1 == "Writeback:" { k += $2 } END { print k + 0 }' /proc/meminfo)
@@ -152,8 +157,6 @@ quiet() {
         fi
     done
 }
-kib_of() { status_of "$@"; }
-mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # fill_file PATH MB: MB MiB of 'h', the file curl uploads (no CR, so no delimiter inside).
 fill_file() { head -c "$(($2 * 1048576))" /dev/zero | tr '\0' 'h' >"$1"; }
