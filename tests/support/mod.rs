@@ -487,24 +487,35 @@ impl Unpart {
     /// Starts unpart in front of `upstream` with `yaml` appended to the generated config;
     /// `{dir}` in `yaml` stands for unpart's own temp dir (removed on drop).
     pub fn start(upstream: &str, yaml: &str) -> Unpart {
-        Unpart::start_full(upstream, "", yaml, None)
+        Unpart::start_full(upstream, "", yaml, None, &[])
     }
 
     /// Like `start`, with a shell command run first in the process that then execs unpart
     /// (for example `ulimit -f 64`), so `child` is still unpart itself.
     pub fn start_wrapped(upstream: &str, yaml: &str, shell_prefix: Option<&str>) -> Unpart {
-        Unpart::start_full(upstream, "", yaml, shell_prefix)
+        Unpart::start_full(upstream, "", yaml, shell_prefix, &[])
     }
 
     /// As `start`, with `admin` (e.g. `"token: x, profile_min_interval: 0"`) added to the
     /// `admin:` map next to the generated listen address.
     pub fn start_with_admin(upstream: &str, admin: &str, yaml: &str) -> Unpart {
-        Unpart::start_full(upstream, admin, yaml, None)
+        Unpart::start_full(upstream, admin, yaml, None, &[])
     }
 
-    fn start_full(upstream: &str, admin: &str, yaml: &str, shell_prefix: Option<&str>) -> Unpart {
+    /// As `start_with_admin`, with extra environment variables for unpart's process.
+    pub fn start_with_env(upstream: &str, admin: &str, yaml: &str, env: &[(&str, &str)]) -> Unpart {
+        Unpart::start_full(upstream, admin, yaml, None, env)
+    }
+
+    fn start_full(
+        upstream: &str,
+        admin: &str,
+        yaml: &str,
+        shell_prefix: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Unpart {
         for _ in 0..5 {
-            if let Some(u) = Unpart::try_start(upstream, admin, yaml, shell_prefix) {
+            if let Some(u) = Unpart::try_start(upstream, admin, yaml, shell_prefix, env) {
                 return u;
             }
         }
@@ -516,6 +527,7 @@ impl Unpart {
         admin_extra: &str,
         yaml: &str,
         shell_prefix: Option<&str>,
+        env: &[(&str, &str)],
     ) -> Option<Unpart> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("unpart-test-{}-{n}", std::process::id()));
@@ -553,6 +565,7 @@ impl Unpart {
             .arg("-c")
             .arg(&conf)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
