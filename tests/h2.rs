@@ -207,7 +207,9 @@ fn with_h2c_on_http1_connections_are_answered_and_bounded() {
     let unpart = Unpart::start(&up.addr, "h2c: true\ntimeouts: {client_keepalive: 2}\n");
     let in_time = |held: Duration, what: &str| {
         assert!(
-            held >= Duration::from_millis(1500) && held < Duration::from_secs(6),
+            // Measured from after the test's own step, so it can fall short of 2 s by however
+            // long this thread was held up; a wrong close at once stays far below.
+            held >= Duration::from_millis(1000) && held < Duration::from_secs(6),
             "{what}: closed after {held:?}, expected about 2 s"
         );
     };

@@ -76,14 +76,26 @@ fn sigterm_drains_uploads_in_flight() {
     let up = Upstream::start();
     let mut unpart = Unpart::start(&up.addr, "grace_period_seconds: 60\n");
     let addr = unpart.addr.clone();
-    // Three uploads of 4 MiB that take about 1.6 s each.
+    // Three uploads of 10 MiB that take about 4 s each; SIGTERM once all three are in flight.
     let workers: Vec<_> = (0..3)
         .map(|_| {
             let a = addr.clone();
-            thread::spawn(move || upload(&a, 16, Duration::from_millis(100)))
+            thread::spawn(move || upload(&a, 40, Duration::from_millis(100)))
         })
         .collect();
-    thread::sleep(Duration::from_millis(400));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = raw_request(&unpart.admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+        if r.is_ok_and(|r| String::from_utf8_lossy(&r.body).contains("unpart_uploads_in_flight 3"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the three uploads never were in flight"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let t = Instant::now();
     signal(&unpart.child, libc::SIGTERM);
     // New connections are refused soon; the uploads in flight finish.
@@ -105,7 +117,7 @@ fn sigterm_drains_uploads_in_flight() {
     let got = up.wait_for(3);
     assert!(got
         .iter()
-        .all(|r| r.complete && r.body_len == 16 * 256 * 1024));
+        .all(|r| r.complete && r.body_len == 40 * 256 * 1024));
     assert!(unpart
         .log_text()
         .contains("draining 3 in-flight request(s)"));

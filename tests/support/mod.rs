@@ -242,6 +242,22 @@ impl Upstream {
         got.clone()
     }
 
+    /// Waits for a complete request and returns it; every other one recorded by then must be
+    /// incomplete (a refused upload is recorded when unpart drops it, possibly after the
+    /// client has its answer, so it can come before or after).
+    pub fn wait_for_complete(&self) -> Received {
+        let mut n = 1;
+        loop {
+            let got = self.wait_for(n);
+            let complete: Vec<&Received> = got.iter().filter(|r| r.complete).collect();
+            assert!(complete.len() <= 1, "{} complete requests", complete.len());
+            if let Some(r) = complete.first() {
+                return (*r).clone();
+            }
+            n = got.len() + 1;
+        }
+    }
+
     /// The requests recorded so far, after a short settle time.
     pub fn received_after(&self, settle: Duration) -> Vec<Received> {
         thread::sleep(settle);
@@ -472,6 +488,33 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether process `pid` holds the listening socket of `addr` (an IPv4 `ip:port`).
+pub fn listens_on(pid: u32, addr: &str) -> bool {
+    let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) else {
+        return false;
+    };
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(c.get(1)?.rsplit(':').next()?, 16).ok()?;
+            // 0A: LISTEN
+            (local_port == port && *c.get(3)? == "0A").then(|| c.get(9).map(|s| s.to_string()))?
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|t| {
+            let t = t.display().to_string();
+            inodes.iter().any(|i| t == format!("socket:[{i}]"))
+        })
+}
+
 /// The real unpart binary, on ephemeral ports, with its own temp dir.
 pub struct Unpart {
     pub addr: String,
@@ -584,7 +627,13 @@ impl Unpart {
             }
             let healthy = raw_request(&u.admin, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
                 .is_ok_and(|r| r.status == 200);
-            if healthy && TcpStream::connect(&u.addr).is_ok() {
+            // The ports were free when chosen, not when unpart bound them: a concurrent test's
+            // listener could answer for it (and pingora retries a failed bind for 30 s).
+            if healthy
+                && TcpStream::connect(&u.addr).is_ok()
+                && listens_on(u.child.id(), &u.addr)
+                && listens_on(u.child.id(), &u.admin)
+            {
                 return Some(u);
             }
             thread::sleep(Duration::from_millis(20));
