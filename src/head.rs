@@ -147,12 +147,7 @@ impl HeadDeadline {
     /// After the deadline: the error for pingora once the client has closed, sent
     /// [`LINGER_BYTES`] more, or the linger is over (at once for a client that sent nothing).
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let err = || {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request head not complete within timeouts.client_head",
-            )
-        };
+        let err = || io::Error::new(io::ErrorKind::TimedOut, crate::logging::HEAD_TIMEOUT);
         self.push(cx);
         let Some(x) = self.expired.as_mut() else {
             return Poll::Ready(err());

@@ -13,6 +13,7 @@ pub mod forward;
 pub mod head;
 pub mod jobs;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod multipart;
 pub mod pace;

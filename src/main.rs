@@ -8,7 +8,7 @@ use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use unpart::{accept, admin, cli, config, drain, listener, proxy, spool};
+use unpart::{accept, admin, cli, config, drain, listener, logging, proxy, spool};
 
 /// jemalloc, for two reasons: it gives freed memory back to the OS within seconds (glibc kept
 /// 512 MB after a burst of uploads) and it samples live allocations for `/debug/pprof/heap`.
@@ -24,7 +24,7 @@ pub static MALLOC_CONF: &[u8; 105] =
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init();
 
     let mut conf = match &args.conf {
         Some(path) => match config::Config::load(path) {

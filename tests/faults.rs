@@ -746,6 +746,13 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
     assert_eq!(up.received_after(Duration::from_millis(300)).len(), 2);
     let log = u.log_text();
     assert_eq!(log.matches("408 head_timeout").count(), 2, "{log}");
+    // pingora's own "Fail to proxy" line for each is demoted to DEBUG (src/logging.rs): one
+    // INFO line per client, not an ERROR an operator would be alerted by.
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("client_head")),
+        "{log}"
+    );
     let metrics = admin_get(&u, "/metrics");
     assert!(
         metrics.contains(
