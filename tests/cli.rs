@@ -237,23 +237,27 @@ impl Daemon {
         assert!(status.success());
         let deadline = std::time::Instant::now() + support::TIMEOUT;
         let mut pid = None;
+        let mut ready = false;
         while std::time::Instant::now() < deadline {
             // /readyz: the proxy listener accepts too, not only the admin one.
-            let ok = support::raw_request(&admin, b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n")
+            ready = support::raw_request(&admin, b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n")
                 .is_ok_and(|r| r.status == 200);
             pid = std::fs::read_to_string(&pid_file)
                 .ok()
                 .and_then(|p| p.trim().parse::<i32>().ok());
-            if ok && pid.is_some() {
+            if ready && pid.is_some() {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let Some(pid) = pid else {
             let _ = std::fs::remove_dir_all(&dir);
-            panic!("the daemon wrote no pid file or never became healthy");
+            panic!("the daemon wrote no pid file");
         };
-        Daemon { dir, listen, pid }
+        // Dropped (killed, its dir removed) if it never became ready.
+        let d = Daemon { dir, listen, pid };
+        assert!(ready, "the daemon never became ready");
+        d
     }
 }
 

@@ -107,6 +107,27 @@ fn want(go: &Value, setup: Setup) -> Want {
     }
 }
 
+/// The request with `?case=TAG` (or `&case=TAG`) added to its target, so the backend's record
+/// of it can be told from a late one of an earlier case; and the new target.
+fn tag_target(req: Vec<u8>, tag: &str) -> (Vec<u8>, String) {
+    let line_end = req
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("request line");
+    let line = String::from_utf8(req[..line_end].to_vec()).expect("ASCII request line");
+    let mut parts = line.splitn(3, ' ');
+    let (method, target, version) = (
+        parts.next().expect("method"),
+        parts.next().expect("target"),
+        parts.next().expect("version"),
+    );
+    let sep = if target.contains('?') { '&' } else { '?' };
+    let tagged = format!("{target}{sep}case={tag}");
+    let mut out = format!("{method} {tagged} {version}").into_bytes();
+    out.extend_from_slice(&req[line_end..]);
+    (out, tagged)
+}
+
 /// The captured head, with its framing replaced when `chunk` is given.
 fn request(dir: &Path, chunk: Option<usize>) -> Vec<u8> {
     let head = std::fs::read_to_string(dir.join("head.txt")).expect("head");
@@ -160,7 +181,7 @@ fn check_case(
         late.iter().all(|r| !r.complete),
         "{name}: a refused request went upstream complete"
     );
-    let req = request(&dir, chunk);
+    let (req, target) = tag_target(request(&dir, chunk), &format!("{name}-{chunk:?}-{setup:?}"));
     let resp = raw_request(&unpart.addr, &req).expect("response");
     let how = format!("{name} (chunk {chunk:?}, {setup:?})");
     let client_chunked = String::from_utf8_lossy(&req[..req.len().min(4096)])
@@ -181,7 +202,8 @@ fn check_case(
                 "{how}: {:?}",
                 String::from_utf8_lossy(&resp.body)
             );
-            let r = &up.wait_for_complete();
+            let r = &up.wait_for_target(&target);
+            assert!(r.complete, "{how}: body not complete");
             let framing = match setup {
                 Setup::Stream => Framing::Chunked,
                 Setup::Length if client_chunked => Framing::Chunked,
@@ -212,6 +234,12 @@ fn check_case(
             );
             assert!(r.header("expect").is_none(), "{how}");
             assert!(r.target.starts_with("/capture/"), "{how}: {}", r.target);
+            // Any other request recorded by now is a refused one, cut off.
+            let rest = up.take();
+            assert!(
+                rest.iter().all(|o| o.target == target || !o.complete),
+                "{how}: a refused request went upstream complete"
+            );
             // No header carries a byte a backend could misread.
             for (n, v) in &r.headers {
                 assert!(

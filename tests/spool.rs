@@ -173,11 +173,21 @@ fn spool_files_are_private_nameless_and_closed_after_the_answer() {
     let unpart = Unpart::start(&up.addr, SPOOL);
     let dir = spool_dir(&unpart);
     let (s, body) = start_slow_upload(&unpart.addr, 2 << 20);
-    // Unlinked right after it is created: wait past that instant too.
-    wait_until("an unlinked spool descriptor", || {
-        let fds = spool_fds(&unpart, &dir);
-        !fds.is_empty() && fds.iter().all(|(t, _)| t.ends_with(" (deleted)"))
+    // Unlinked right after it is created: it may be seen in between, but only just.
+    wait_until("a spool descriptor", || {
+        !spool_fds(&unpart, &dir).is_empty()
     });
+    let seen = Instant::now();
+    wait_until("an unlinked spool descriptor", || {
+        spool_fds(&unpart, &dir)
+            .iter()
+            .all(|(t, _)| t.ends_with(" (deleted)"))
+    });
+    assert!(
+        seen.elapsed() < Duration::from_millis(500),
+        "named for {:?}",
+        seen.elapsed()
+    );
     let fds = spool_fds(&unpart, &dir);
     assert_eq!(fds.len(), 1, "{fds:?}");
     let (target, mode) = &fds[0];

@@ -242,17 +242,21 @@ impl Upstream {
         got.clone()
     }
 
-    /// Waits for a complete request and returns it; every other one recorded by then must be
-    /// incomplete (a refused upload is recorded when unpart drops it, possibly after the
-    /// client has its answer, so it can come before or after).
-    pub fn wait_for_complete(&self) -> Received {
+    /// Waits for the request whose target is `target` and returns it, complete or not; every
+    /// other one recorded by then must be incomplete (a refused upload is recorded when unpart
+    /// drops it, possibly after the client has its answer, so it can come before or after).
+    pub fn wait_for_target(&self, target: &str) -> Received {
         let mut n = 1;
         loop {
             let got = self.wait_for(n);
-            let complete: Vec<&Received> = got.iter().filter(|r| r.complete).collect();
-            assert!(complete.len() <= 1, "{} complete requests", complete.len());
-            if let Some(r) = complete.first() {
-                return (*r).clone();
+            let others: Vec<&Received> = got.iter().filter(|r| r.target != target).collect();
+            assert!(
+                others.iter().all(|r| !r.complete),
+                "a complete request other than {target}: {:?}",
+                others.iter().map(|r| &r.target).collect::<Vec<_>>()
+            );
+            if let Some(r) = got.iter().find(|r| r.target == target) {
+                return r.clone();
             }
             n = got.len() + 1;
         }
