@@ -114,34 +114,9 @@ fn snapshot(u: &Unpart) -> Snapshot {
 
 /// unpart's TCP sockets as "local -> remote STATE", for failure messages.
 fn tcp_sockets(pid: u32) -> Vec<String> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|t| {
-                    let t = t.display().to_string();
-                    Some(
-                        t.strip_prefix("socket:[")?
-                            .trim_end_matches(']')
-                            .to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
-    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or("0"), 16).unwrap_or(0);
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let c: Vec<&str> = l.split_whitespace().collect();
-            let inode = c.get(9)?;
-            inodes
-                .iter()
-                .any(|i| i == inode)
-                .then(|| format!("{} -> {} state {}", port(c[1]), port(c[2]), c[3]))
-        })
+    tcp_sockets_of(pid)
+        .iter()
+        .map(|s| format!("{} -> {} state {}", s.local_port, s.remote_port, s.state))
         .collect()
 }
 

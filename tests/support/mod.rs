@@ -492,31 +492,56 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// One IPv4 TCP socket a process holds, from `/proc/PID/net/tcp`.
+#[derive(Debug)]
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The kernel's state number in hex, as the table has it: `0A` is LISTEN.
+    pub state: String,
+}
+
+/// The IPv4 TCP sockets process `pid` holds: the namespace's table, kept to the inodes among
+/// the process's descriptors.
+pub fn tcp_sockets_of(pid: u32) -> Vec<TcpSocket> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.display().to_string();
+                    Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or("0"), 16).unwrap_or(0);
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            inodes
+                .iter()
+                .any(|i| Some(&i.as_str()) == c.get(9))
+                .then(|| TcpSocket {
+                    local_port: port(c[1]),
+                    remote_port: port(c[2]),
+                    state: c[3].to_string(),
+                })
+        })
+        .collect()
+}
+
 /// Whether process `pid` holds the listening socket of `addr` (an IPv4 `ip:port`).
 pub fn listens_on(pid: u32, addr: &str) -> bool {
     let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) else {
         return false;
     };
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let c: Vec<&str> = l.split_whitespace().collect();
-            let local_port = u16::from_str_radix(c.get(1)?.rsplit(':').next()?, 16).ok()?;
-            // 0A: LISTEN
-            (local_port == port && *c.get(3)? == "0A").then(|| c.get(9).map(|s| s.to_string()))?
-        })
-        .collect();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .any(|t| {
-            let t = t.display().to_string();
-            inodes.iter().any(|i| t == format!("socket:[{i}]"))
-        })
+    tcp_sockets_of(pid)
+        .iter()
+        .any(|s| s.local_port == port && s.state == "0A")
 }
 
 /// The real unpart binary, on ephemeral ports, with its own temp dir.
