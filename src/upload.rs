@@ -333,10 +333,12 @@ impl<'a> Upload<'a> {
     }
 
     /// The file's length if the body ends the way every common client ends it: the file, then
-    /// `\r\n--boundary--\r\n`. Called when the file's data is about to start.
+    /// `\r\n--boundary--\r\n` (`\n--boundary--\n` in a body whose boundary lines end with a
+    /// bare LF). Called when the file's data is about to start.
     fn expected_file_len(&self, session: &Session) -> Option<u64> {
         let total = client_length(session)?;
-        let trailer = self.boundary_len + 8;
+        let nl = self.parser.newline().len() as u64;
+        let trailer = nl + 2 + self.boundary_len + 2 + nl;
         total
             .checked_sub(self.parser.position())?
             .checked_sub(trailer)

@@ -57,6 +57,61 @@ fn chunked_framing_fails_on_such_a_backend_and_length_framing_works() {
     }
 }
 
+/// The same form with bare-LF line endings, as some hand-written clients send it (Go's reader,
+/// and so stream mode, accept it).
+fn lf_file_body(boundary: &str, data: &[u8]) -> Vec<u8> {
+    let mut v = format!(
+        "--{boundary}\nContent-Disposition: form-data; name=\"note\"\n\nhi\n--{boundary}\n\
+         Content-Disposition: form-data; name=\"f\"; filename=\"a.bin\"\n\
+         Content-Type: application/x-test\n\n"
+    )
+    .into_bytes();
+    v.extend_from_slice(data);
+    v.extend_from_slice(format!("\n--{boundary}--\n").as_bytes());
+    v
+}
+
+#[test]
+fn bare_lf_bodies_get_their_exact_length_too() {
+    let up = Upstream::start();
+    up.set_behaviour(Behaviour::RejectChunked);
+    let exact = Unpart::start(&up.addr, "framing: length\n");
+    let data = payload(200_000);
+    for size in [200_000, 1, 0] {
+        let data = &data[..size];
+        let resp = raw_request(
+            &exact.addr,
+            &post("/u", &mp("fl"), &lf_file_body("fl", data), ""),
+        )
+        .unwrap();
+        assert_eq!(
+            resp.status,
+            200,
+            "{size}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        let r = up.wait_for(1).remove(0);
+        up.take();
+        assert!(r.complete, "{size}: {r:?}");
+        assert_eq!(r.framing, Framing::Length(size as u64));
+        assert_eq!(r.body_sha256, sha256_hex(data));
+        assert_eq!(r.header("x-form-note"), Some("hi"));
+    }
+    // A bare-LF body that ends differently still never completes upstream.
+    let good = lf_file_body("fl", &data);
+    let resp = raw_request(
+        &exact.addr,
+        &post("/u", &mp("fl"), &good[..good.len() - 1], ""),
+    )
+    .unwrap();
+    assert_eq!(resp.status, 422);
+    assert_eq!(resp.json()["error"], "length_mismatch");
+    up.wait_for(1);
+    let got = up.received_after(Duration::from_millis(100));
+    assert_eq!(got.len(), 1);
+    assert!(!got[0].complete);
+}
+
 #[test]
 fn a_body_that_does_not_end_where_the_length_said_never_completes_upstream() {
     let up = Upstream::start();

@@ -200,6 +200,11 @@ impl Parser {
         self.pushed - (self.input.len() + self.carry.len()) as u64
     }
 
+    /// The body's line ending, `\r\n` or `\n` (decided by the first boundary line).
+    pub fn newline(&self) -> &'static [u8] {
+        self.nl()
+    }
+
     /// The next event, `Ok(None)` when more input is needed (or, after `End`, never again).
     pub fn next_event(&mut self) -> Result<Option<Event>, ParseError> {
         let r = self.step();
