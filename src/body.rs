@@ -40,10 +40,13 @@ use pingora::ErrorType;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::page;
+
 /// Bodies smaller than this are read by pingora alone: the set-up costs a few syscalls, and
 /// small bodies gain nothing.
 pub const MIN_DIRECT: u64 = 4 << 20;
-/// The largest single read from the socket, and so the largest buffer per upload.
+/// The largest single read from the socket, and so the largest buffer per upload (plus
+/// [`page::SLACK`]: each buffer starts mid-page, see `page.rs`).
 pub const MAX_READ: usize = 1 << 20;
 /// The smallest read buffer when many uploads share [`READ_BUDGET`].
 pub const MIN_READ: usize = 64 << 10;
@@ -265,13 +268,14 @@ async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError>
     let size = d.share.read_size();
     if size >= 2 * d.share.alloc || 2 * size <= d.share.alloc {
         // The previous buffer goes when its last piece is dropped.
-        d.buf = BytesMut::with_capacity(size);
+        d.buf = page::buffer(size);
         d.share.resize(size);
     }
     let want = (d.share.alloc as u64).min(d.left) as usize;
     // Reclaims the allocation when the previous piece has been dropped (it has, unless the
     // backend write still holds it), so one buffer serves the whole body.
-    d.buf.reserve(want);
+    d.buf.reserve(want + page::SLACK);
+    page::start_mid_page(&mut d.buf);
     let mut limited = (&mut d.sock).take(want as u64);
     let n = match tokio::time::timeout(idle, limited.read_buf(&mut d.buf)).await {
         Err(_) => return Err(BodyError::Idle),

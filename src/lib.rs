@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod multipart;
 pub mod pace;
+pub mod page;
 pub mod proxy;
 pub mod reader;
 pub mod reject;

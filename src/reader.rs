@@ -13,6 +13,7 @@ use crate::body::{from_pingora, BodyError, ClientBody};
 use crate::config::TimeoutsConf;
 use crate::forward::Failure;
 use crate::pace::Pace;
+use crate::page;
 use crate::reject::Reject;
 
 /// HTTP/2 frames already buffered are joined up to this many bytes.
@@ -109,7 +110,7 @@ impl ClientReader {
             };
             joined
                 .get_or_insert_with(|| {
-                    let mut j = BytesMut::with_capacity(COALESCE);
+                    let mut j = page::buffer(COALESCE);
                     j.extend_from_slice(&first);
                     j
                 })
