@@ -45,8 +45,8 @@ use crate::page;
 /// Bodies smaller than this are read by pingora alone: the set-up costs a few syscalls, and
 /// small bodies gain nothing.
 pub const MIN_DIRECT: u64 = 4 << 20;
-/// The largest single read from the socket, and so the largest buffer per upload (plus
-/// [`page::SLACK`]: each buffer starts mid-page, see `page.rs`).
+/// The largest single read from the socket, and so the largest buffer per upload (each read
+/// starts mid-page within it, see `page.rs`).
 pub const MAX_READ: usize = 1 << 20;
 /// The smallest read buffer when many uploads share [`READ_BUDGET`].
 pub const MIN_READ: usize = 64 << 10;
@@ -273,9 +273,11 @@ async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError>
     }
     let want = (d.share.alloc as u64).min(d.left) as usize;
     // Reclaims the allocation when the previous piece has been dropped (it has, unless the
-    // backend write still holds it), so one buffer serves the whole body.
-    d.buf.reserve(want + page::SLACK);
+    // backend write still holds it), so one buffer serves the whole body; the read then
+    // starts mid-page within it and is up to `page::SLACK` bytes shorter.
+    d.buf.reserve(want);
     page::start_mid_page(&mut d.buf);
+    let want = want.min(d.buf.capacity());
     let mut limited = (&mut d.sock).take(want as u64);
     let n = match tokio::time::timeout(idle, limited.read_buf(&mut d.buf)).await {
         Err(_) => return Err(BodyError::Idle),

@@ -18,6 +18,9 @@ use crate::reject::Reject;
 
 /// HTTP/2 frames already buffered are joined up to this many bytes.
 const COALESCE: usize = 256 * 1024;
+/// The largest DATA frame a client sends (HTTP/2's default `SETTINGS_MAX_FRAME_SIZE`, which
+/// pingora keeps); a larger one only costs a reallocation.
+const FRAME: usize = 16 * 1024;
 
 pub struct ClientReader {
     body: ClientBody,
@@ -95,8 +98,12 @@ impl ClientReader {
         }
         let mut joined: Option<BytesMut> = None;
         loop {
-            let len = joined.as_ref().map_or(first.len(), |j| j.len());
-            if len >= COALESCE {
+            // Stop while another frame still fits: the buffer (which starts mid-page, so holds
+            // a little under `COALESCE`) is then never reallocated.
+            let (len, room) = joined
+                .as_ref()
+                .map_or((first.len(), COALESCE), |j| (j.len(), j.capacity()));
+            if len + FRAME > room {
                 break;
             }
             let next = match poll_now(std::pin::pin!(session.read_request_body())) {
