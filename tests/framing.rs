@@ -36,25 +36,28 @@ fn chunked_framing_fails_on_such_a_backend_and_length_framing_works() {
     let exact = Unpart::start(&up.addr, "framing: length\n");
     for size in [300_000, 1, 0, 65_536] {
         let data = &data[..size];
-        let resp = raw_request(
-            &exact.addr,
-            &post("/u", &mp("fl"), &file_body("fl", data), ""),
-        )
-        .unwrap();
-        assert_eq!(
-            resp.status,
-            200,
-            "{size}: {}",
-            String::from_utf8_lossy(&resp.body)
-        );
-        let r = up.wait_for(1).remove(0);
-        up.take();
-        assert!(r.complete, "{size}: {r:?}");
-        assert_eq!(r.framing, Framing::Length(size as u64));
-        assert_eq!(r.body_sha256, sha256_hex(data));
-        assert_eq!(r.header("content-type"), Some("application/x-test"));
-        assert_eq!(r.header("x-form-note"), Some("hi"));
+        forwards_with_exact_length(&up, &exact, &file_body("fl", data), data);
     }
+}
+
+/// Sends `body` (whose file is `data`) and checks the backend got exactly the file, with its
+/// length, its type and the form's field.
+fn forwards_with_exact_length(up: &Upstream, unpart: &Unpart, body: &[u8], data: &[u8]) {
+    let size = data.len();
+    let resp = raw_request(&unpart.addr, &post("/u", &mp("fl"), body, "")).unwrap();
+    assert_eq!(
+        resp.status,
+        200,
+        "{size}: {}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    let r = up.wait_for(1).remove(0);
+    up.take();
+    assert!(r.complete, "{size}: {r:?}");
+    assert_eq!(r.framing, Framing::Length(size as u64));
+    assert_eq!(r.body_sha256, sha256_hex(data));
+    assert_eq!(r.header("content-type"), Some("application/x-test"));
+    assert_eq!(r.header("x-form-note"), Some("hi"));
 }
 
 /// The same form with bare-LF line endings, as some hand-written clients send it (Go's reader,
@@ -79,23 +82,7 @@ fn bare_lf_bodies_get_their_exact_length_too() {
     let data = payload(200_000);
     for size in [200_000, 1, 0] {
         let data = &data[..size];
-        let resp = raw_request(
-            &exact.addr,
-            &post("/u", &mp("fl"), &lf_file_body("fl", data), ""),
-        )
-        .unwrap();
-        assert_eq!(
-            resp.status,
-            200,
-            "{size}: {}",
-            String::from_utf8_lossy(&resp.body)
-        );
-        let r = up.wait_for(1).remove(0);
-        up.take();
-        assert!(r.complete, "{size}: {r:?}");
-        assert_eq!(r.framing, Framing::Length(size as u64));
-        assert_eq!(r.body_sha256, sha256_hex(data));
-        assert_eq!(r.header("x-form-note"), Some("hi"));
+        forwards_with_exact_length(&up, &exact, &lf_file_body("fl", data), data);
     }
     // A bare-LF body that ends differently still never completes upstream.
     let good = lf_file_body("fl", &data);
