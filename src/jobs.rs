@@ -1,13 +1,13 @@
 //! A fixed set of threads for blocking file work (spool writes, reads and file creation).
 //!
 //! tokio's blocking pool starts a thread whenever no idle one is ready (up to 512), and each
-//! idles 10 s before it exits. Spool work comes as a stream of 256 KiB blocks from every upload
-//! at once, so with 64 spooled uploads unpart kept 235 threads alive and its RSS peaked at
-//! 95 MiB; capping the jobs in flight with a semaphore was not enough, because a finished
-//! thread is not counted idle until after its job's waiter has already handed the slot on. The
-//! work is copies and hashing on a machine with few cores, with the page cache taking the
-//! writes: [`THREADS`] threads keep up. They start on the first job, so a process that never
-//! spools has none.
+//! idles 10 s before it exits. Spool work comes as a stream of blocks (up to 256 KiB) from
+//! every upload at once, so with 64 spooled uploads unpart kept 235 threads alive and its RSS
+//! peaked at 95 MiB; capping the jobs in flight with a semaphore was not enough, because a
+//! finished thread is not counted idle until after its job's waiter has already handed the slot
+//! on. The work is copies and hashing on a machine with few cores, with the page cache taking
+//! the writes: [`THREADS`] threads keep up. They start on the first job, so a process that
+//! never spools has none.
 
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};

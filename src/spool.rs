@@ -6,15 +6,17 @@
 //! descriptor closes, and nobody else can open it. Only a crash in the microseconds between
 //! create and unlink can leave a name behind; `SpoolDir::prepare` sweeps those at startup.
 //!
-//! Writes and reads go through the file threads (`jobs`) in fixed blocks, double-buffered, so a
+//! Writes and reads go through the file threads (`jobs`) in blocks, double-buffered, so a
 //! request holds at most two blocks whatever the file's size, and digests are computed by the
-//! same thread that writes, off the proxy's workers.
+//! same thread that writes, off the proxy's workers. Blocks are sized from a budget shared by
+//! every spool file in use (see [`BLOCK_BUDGET`]), so many uploads at once do not multiply
+//! the memory a lone one uses.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,8 +26,60 @@ use crate::config::SpoolConf;
 use crate::digest::{Algorithm, Digests};
 use crate::jobs::{self, Pending};
 
-/// Bytes per disk write or read.
-pub const BLOCK: usize = 256 * 1024;
+/// The largest disk write or read: a lone upload's block.
+pub const MAX_BLOCK: usize = 256 * 1024;
+/// The smallest block, however many uploads share [`BLOCK_BUDGET`]: below it the file
+/// threads' per-block hand-over (a wake-up each way) starts to cost more than the copy.
+pub const MIN_BLOCK: usize = 32 * 1024;
+/// Block bytes shared by every spool file in use, written or read back. Each holds at most two
+/// blocks (one filling or being sent, one with the file threads), so a block is
+/// `BLOCK_BUDGET / (2 * files)`, rounded down to a power of two within
+/// [`MIN_BLOCK`]..=[`MAX_BLOCK`]: 256 KiB up to 16 files, 64 KiB with 64. With fixed 256 KiB
+/// blocks, 64 uploads spooling at once held 32 MiB of blocks and unpart's RSS peaked at
+/// 63-67 MiB. A block's size is decided when it starts, so a share that shrinks takes
+/// effect within two blocks.
+pub const BLOCK_BUDGET: usize = 8 << 20;
+
+/// Spool files in use (from the first byte written to the last read back).
+static FILES: AtomicUsize = AtomicUsize::new(0);
+
+/// The block size for a file when `files` are in use.
+fn block_for(files: usize) -> usize {
+    let fair = BLOCK_BUDGET / (2 * files.max(1));
+    // Powers of two: a recycled buffer fits the next block unless the share halved or doubled.
+    ((fair + 1).next_power_of_two() / 2).clamp(MIN_BLOCK, MAX_BLOCK)
+}
+
+fn block_size() -> usize {
+    block_for(FILES.load(Ordering::Relaxed))
+}
+
+/// Counts one spool file in [`FILES`] while it lives.
+#[derive(Debug)]
+struct Share;
+
+impl Share {
+    fn new() -> Share {
+        FILES.fetch_add(1, Ordering::Relaxed);
+        Share
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        FILES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Makes room for `more` bytes in `v`, growing by doubling but never past `limit` (the block's
+/// size), so a first block grows with the file and a small file never holds a whole block.
+fn reserve_within(v: &mut Vec<u8>, more: usize, limit: usize) {
+    if v.capacity() - v.len() >= more {
+        return;
+    }
+    let want = (v.len() + more).max(v.capacity() * 2).min(limit);
+    v.reserve_exact(want - v.len());
+}
 
 const PREFIX: &str = "unpart-";
 const SUFFIX: &str = ".spool";
@@ -147,10 +201,12 @@ impl SpoolDir {
                 dir: Arc::clone(self),
                 bytes: 0,
             },
-            block: Vec::with_capacity(BLOCK),
+            block: Vec::new(),
+            block_len: 0,
             pending: None,
             digests: Some(Digests::new(&self.digests)),
             flushed: 0,
+            share: Share::new(),
         })
     }
 }
@@ -226,23 +282,33 @@ type BlockResult = (Vec<u8>, Digests);
 pub struct SpoolWriter {
     file: Arc<File>,
     reservation: Reservation,
-    /// The block being filled.
+    /// The block being filled, and the size it is filled to (decided when it starts).
     block: Vec<u8>,
+    block_len: usize,
     /// The block being hashed and written, which hands back its buffer and the digests.
     pending: Option<Pending<BlockResult>>,
     /// Here while no block is pending.
     digests: Option<Digests>,
     flushed: u64,
+    share: Share,
 }
 
 impl SpoolWriter {
     pub async fn append(&mut self, mut data: &[u8]) -> Result<(), SpoolError> {
         self.reservation.grow(data.len() as u64)?;
         while !data.is_empty() {
-            let take = (BLOCK - self.block.len()).min(data.len());
+            if self.block.is_empty() {
+                self.block_len = block_size();
+                // A buffer from a larger share would hold on to the difference.
+                if self.block.capacity() > self.block_len {
+                    self.block = Vec::new();
+                }
+            }
+            let take = (self.block_len - self.block.len()).min(data.len());
+            reserve_within(&mut self.block, take, self.block_len);
             self.block.extend_from_slice(&data[..take]);
             data = &data[take..];
-            if self.block.len() == BLOCK {
+            if self.block.len() == self.block_len {
                 self.flush_block().await?;
             }
         }
@@ -253,10 +319,7 @@ impl SpoolWriter {
     async fn flush_block(&mut self) -> Result<(), SpoolError> {
         let (spare, mut digests) = match self.wait_pending().await? {
             Some(r) => r,
-            None => (
-                Vec::with_capacity(BLOCK),
-                self.digests.take().ok_or_else(lost_digests)?,
-            ),
+            None => (Vec::new(), self.digests.take().ok_or_else(lost_digests)?),
         };
         let mut full = std::mem::replace(&mut self.block, spare);
         let file = Arc::clone(&self.file);
@@ -292,6 +355,7 @@ impl SpoolWriter {
             len: self.flushed,
             digests: digests.finish(),
             _reservation: self.reservation,
+            _share: self.share,
         })
     }
 }
@@ -306,6 +370,7 @@ pub struct SpoolFile {
     pub len: u64,
     pub digests: Vec<(Algorithm, String)>,
     _reservation: Reservation,
+    _share: Share,
 }
 
 impl SpoolFile {
@@ -332,10 +397,9 @@ impl Blocks {
         if self.pending.is_some() || self.offset >= len {
             return;
         }
-        let n = (len - self.offset).min(BLOCK as u64) as usize;
+        let n = (len - self.offset).min(block_size() as u64) as usize;
         let (file, offset) = (Arc::clone(&self.spool.file), self.offset);
         self.offset += n as u64;
-        debug_assert_eq!(offset % BLOCK as u64, 0);
         self.pending = Some(jobs::run(move || {
             // Reads at the file's cursor (blocks are read one at a time, in order) into spare
             // capacity: `read_to_end` does not zero the buffer first, `read_exact_at` would.
@@ -388,7 +452,7 @@ mod tests {
     async fn round_trip_leaves_no_name_and_frees_the_reservation() {
         let d = temp_dir("rt");
         let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
-        let data: Vec<u8> = (0..BLOCK * 2 + 12345)
+        let data: Vec<u8> = (0..MAX_BLOCK * 2 + 12345)
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         let mut w = spool.writer().await.unwrap();
@@ -409,13 +473,85 @@ mod tests {
         let mut back = Vec::new();
         let mut blocks = f.into_blocks();
         while let Some(b) = blocks.next().await.unwrap() {
-            assert!(b.len() <= BLOCK);
+            assert!(b.len() <= MAX_BLOCK);
             back.extend_from_slice(&b);
         }
         assert!(back == data);
         assert_eq!(spool.used(), data.len() as u64);
         drop(blocks);
         assert_eq!(spool.used(), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn blocks_are_the_budget_shared_by_the_files_in_use() {
+        assert_eq!(block_for(0), MAX_BLOCK);
+        assert_eq!(block_for(1), MAX_BLOCK);
+        assert_eq!(block_for(16), MAX_BLOCK);
+        assert_eq!(block_for(17), 128 << 10);
+        assert_eq!(block_for(64), 64 << 10);
+        assert_eq!(block_for(65), 32 << 10);
+        assert_eq!(block_for(100_000), MIN_BLOCK);
+        for files in 1..300 {
+            let b = block_for(files);
+            assert!(b.is_power_of_two(), "{files}: {b}");
+            assert!(
+                files * 2 * b <= BLOCK_BUDGET || b == MIN_BLOCK,
+                "{files}: {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_block_grows_with_its_data_but_never_past_its_size() {
+        let mut v = Vec::new();
+        reserve_within(&mut v, 10_000, MAX_BLOCK);
+        assert!(v.capacity() >= 10_000 && v.capacity() < MAX_BLOCK);
+        v.resize(10_000, 0);
+        for _ in 0..40 {
+            let more = (MAX_BLOCK - v.len()).min(7_000);
+            reserve_within(&mut v, more, MAX_BLOCK);
+            assert!(v.capacity() <= MAX_BLOCK, "{}", v.capacity());
+            v.resize(v.len() + more, 0);
+        }
+        assert_eq!(v.len(), MAX_BLOCK);
+        assert_eq!(v.capacity(), MAX_BLOCK);
+    }
+
+    #[tokio::test]
+    async fn blocks_shrink_while_many_files_share_the_budget() {
+        let d = temp_dir("share");
+        let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
+        let data: Vec<u8> = (0..MAX_BLOCK * 3 + 777)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect();
+        let mut w = spool.writer().await.unwrap();
+        w.append(&data[..MAX_BLOCK + 10]).await.unwrap();
+        assert!(w.block.capacity() <= MAX_BLOCK);
+        // Other tests running beside this one can only make the share smaller.
+        let mut others = Vec::new();
+        for _ in 0..63 {
+            others.push(spool.writer().await.unwrap());
+        }
+        let small = block_for(64);
+        w.append(&data[MAX_BLOCK + 10..]).await.unwrap();
+        // The block that was filling kept its size; the ones after it took the new share,
+        // and the larger buffer handed back by the file threads was not kept.
+        assert!(w.block_len <= small, "{}", w.block_len);
+        assert!(w.block.capacity() <= small, "{}", w.block.capacity());
+        let f = w.finish().await.unwrap();
+        let mut expect = Digests::new(&[Algorithm::Sha256, Algorithm::Crc32c]);
+        expect.update(&data);
+        assert_eq!(f.digests, expect.finish());
+        let mut back = Vec::new();
+        let mut blocks = f.into_blocks();
+        while let Some(b) = blocks.next().await.unwrap() {
+            assert!(b.len() <= small, "{}", b.len());
+            back.extend_from_slice(&b);
+        }
+        assert!(back == data);
+        drop(blocks);
+        drop(others);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
