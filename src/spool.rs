@@ -11,6 +11,11 @@
 //! same thread that writes, off the proxy's workers. Blocks are sized from a budget shared by
 //! every spool file in use (see [`BLOCK_BUDGET`]), so many uploads at once do not multiply
 //! the memory a lone one uses.
+//!
+//! A file that ends inside its first block never touches the disk: no spool file is created,
+//! and it is sent from that block. Most files of browser forms are that small, and for them
+//! the disk round trip (create and unlink, write, read back: three hand-overs to the file
+//! threads) was most of spool mode's cost per request.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read};
@@ -39,6 +44,10 @@ pub const MIN_BLOCK: usize = 32 * 1024;
 /// 63-67 MiB. A block's size is decided when it starts, so a share that shrinks takes
 /// effect within two blocks.
 pub const BLOCK_BUDGET: usize = 8 << 20;
+
+/// A file kept in memory is hashed on the proxy's own thread up to this size (sha256 takes
+/// about 40 µs for 64 KiB here); a larger one goes to the file threads for it.
+const INLINE_DIGEST: usize = 64 * 1024;
 
 /// Spool files in use (from the first byte written to the last read back).
 static FILES: AtomicUsize = AtomicUsize::new(0);
@@ -191,12 +200,11 @@ impl SpoolDir {
         Ok(file)
     }
 
-    /// A new, empty spool file for one request.
-    pub async fn writer(self: &Arc<Self>) -> Result<SpoolWriter, SpoolError> {
-        let me = Arc::clone(self);
-        let file = jobs::run(move || me.create_file()).wait().await?;
-        Ok(SpoolWriter {
-            file: Arc::new(file),
+    /// A new, empty spool file for one request. The file on disk is created when its first
+    /// block is full.
+    pub fn writer(self: &Arc<Self>) -> SpoolWriter {
+        SpoolWriter {
+            file: None,
             reservation: Reservation {
                 dir: Arc::clone(self),
                 bytes: 0,
@@ -207,7 +215,7 @@ impl SpoolDir {
             digests: Some(Digests::new(&self.digests)),
             flushed: 0,
             share: Share::new(),
-        })
+        }
     }
 }
 
@@ -280,7 +288,8 @@ type BlockResult = (Vec<u8>, Digests);
 
 /// Appends a file part's bytes to its spool file.
 pub struct SpoolWriter {
-    file: Arc<File>,
+    /// `None` until the first block is full.
+    file: Option<Arc<File>>,
     reservation: Reservation,
     /// The block being filled, and the size it is filled to (decided when it starts).
     block: Vec<u8>,
@@ -321,8 +330,16 @@ impl SpoolWriter {
             Some(r) => r,
             None => (Vec::new(), self.digests.take().ok_or_else(lost_digests)?),
         };
+        let file = match &self.file {
+            Some(f) => Arc::clone(f),
+            None => {
+                let dir = Arc::clone(&self.reservation.dir);
+                let f = Arc::new(jobs::run(move || dir.create_file()).wait().await?);
+                self.file = Some(Arc::clone(&f));
+                f
+            }
+        };
         let mut full = std::mem::replace(&mut self.block, spare);
-        let file = Arc::clone(&self.file);
         let offset = self.flushed;
         self.flushed += full.len() as u64;
         self.pending = Some(jobs::run(move || {
@@ -343,6 +360,9 @@ impl SpoolWriter {
 
     /// Writes what is left and returns the complete file with its size and digests.
     pub async fn finish(mut self) -> Result<SpoolFile, SpoolError> {
+        if self.file.is_none() {
+            return self.keep_in_memory().await;
+        }
         if !self.block.is_empty() {
             self.flush_block().await?;
         }
@@ -350,9 +370,38 @@ impl SpoolWriter {
             Some((_, d)) => d,
             None => self.digests.take().ok_or_else(lost_digests)?,
         };
+        let file = self
+            .file
+            .ok_or_else(|| io::Error::other("spool file lost"))?;
         Ok(SpoolFile {
-            file: self.file,
+            stored: Stored::Disk(file),
             len: self.flushed,
+            digests: digests.finish(),
+            _reservation: self.reservation,
+            _share: self.share,
+        })
+    }
+}
+
+impl SpoolWriter {
+    /// The whole file is in its first block: it stays there.
+    async fn keep_in_memory(mut self) -> Result<SpoolFile, SpoolError> {
+        let block = std::mem::take(&mut self.block);
+        let mut digests = self.digests.take().ok_or_else(lost_digests)?;
+        let (block, digests) = if block.len() <= INLINE_DIGEST {
+            digests.update(&block);
+            (block, digests)
+        } else {
+            jobs::run(move || {
+                digests.update(&block);
+                Ok((block, digests))
+            })
+            .wait()
+            .await?
+        };
+        Ok(SpoolFile {
+            len: block.len() as u64,
+            stored: Stored::Memory(Bytes::from(block)),
             digests: digests.finish(),
             _reservation: self.reservation,
             _share: self.share,
@@ -364,9 +413,16 @@ fn lost_digests() -> io::Error {
     io::Error::other("spool digests lost")
 }
 
+/// Where a complete file is.
+enum Stored {
+    Disk(Arc<File>),
+    /// Small enough to have stayed in its first block.
+    Memory(Bytes),
+}
+
 /// A complete spool file.
 pub struct SpoolFile {
-    file: Arc<File>,
+    stored: Stored,
     pub len: u64,
     pub digests: Vec<(Algorithm, String)>,
     _reservation: Reservation,
@@ -397,8 +453,11 @@ impl Blocks {
         if self.pending.is_some() || self.offset >= len {
             return;
         }
+        let Stored::Disk(file) = &self.spool.stored else {
+            return;
+        };
         let n = (len - self.offset).min(block_size() as u64) as usize;
-        let (file, offset) = (Arc::clone(&self.spool.file), self.offset);
+        let (file, offset) = (Arc::clone(file), self.offset);
         self.offset += n as u64;
         self.pending = Some(jobs::run(move || {
             // Reads at the file's cursor (blocks are read one at a time, in order) into spare
@@ -419,6 +478,13 @@ impl Blocks {
     }
 
     pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        if let Stored::Memory(b) = &self.spool.stored {
+            if self.offset >= self.spool.len {
+                return Ok(None);
+            }
+            self.offset = self.spool.len;
+            return Ok(Some(b.clone()));
+        }
         self.read_ahead();
         let Some(h) = self.pending.take() else {
             return Ok(None);
@@ -455,7 +521,7 @@ mod tests {
         let data: Vec<u8> = (0..MAX_BLOCK * 2 + 12345)
             .map(|i| (i * 7 % 251) as u8)
             .collect();
-        let mut w = spool.writer().await.unwrap();
+        let mut w = spool.writer();
         for piece in data.chunks(65_000) {
             w.append(piece).await.unwrap();
         }
@@ -525,13 +591,13 @@ mod tests {
         let data: Vec<u8> = (0..MAX_BLOCK * 3 + 777)
             .map(|i| (i * 13 % 251) as u8)
             .collect();
-        let mut w = spool.writer().await.unwrap();
+        let mut w = spool.writer();
         w.append(&data[..MAX_BLOCK + 10]).await.unwrap();
         assert!(w.block.capacity() <= MAX_BLOCK);
         // Other tests running beside this one can only make the share smaller.
         let mut others = Vec::new();
         for _ in 0..63 {
-            others.push(spool.writer().await.unwrap());
+            others.push(spool.writer());
         }
         let small = block_for(64);
         w.append(&data[MAX_BLOCK + 10..]).await.unwrap();
@@ -556,11 +622,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_within_its_first_block_stays_in_memory() {
+        let d = temp_dir("mem");
+        let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
+        let algos = [Algorithm::Sha256, Algorithm::Crc32c];
+        // Below MIN_BLOCK a file always fits; 100 KiB does while few files are in use (its
+        // digests are then computed by the file threads) and goes to disk otherwise.
+        for len in [0, 1, 5_000, MIN_BLOCK - 1, 100 << 10, MAX_BLOCK * 2 + 5] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
+            let mut w = spool.writer();
+            for piece in data.chunks(3_000) {
+                w.append(piece).await.unwrap();
+            }
+            let f = w.finish().await.unwrap();
+            if len < MIN_BLOCK {
+                assert!(matches!(f.stored, Stored::Memory(_)), "{len}");
+            }
+            if len > MAX_BLOCK {
+                assert!(matches!(f.stored, Stored::Disk(_)), "{len}");
+            }
+            assert_eq!(f.len, len as u64);
+            assert_eq!(spool.used(), len as u64);
+            let mut expect = Digests::new(&algos);
+            expect.update(&data);
+            assert_eq!(f.digests, expect.finish(), "{len}");
+            let mut back = Vec::new();
+            let mut blocks = f.into_blocks();
+            while let Some(b) = blocks.next().await.unwrap() {
+                assert!(!b.is_empty());
+                back.extend_from_slice(&b);
+            }
+            assert!(back == data, "{len}");
+            drop(blocks);
+            assert_eq!(spool.used(), 0);
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
     async fn the_cap_counts_every_open_file() {
         let d = temp_dir("cap");
         let spool = Arc::new(SpoolDir::prepare(&conf(&d, 1000)).unwrap());
-        let mut a = spool.writer().await.unwrap();
-        let mut b = spool.writer().await.unwrap();
+        let mut a = spool.writer();
+        let mut b = spool.writer();
         a.append(&[1; 600]).await.unwrap();
         assert!(matches!(
             b.append(&[2; 500]).await,

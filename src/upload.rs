@@ -329,7 +329,7 @@ impl<'a> Upload<'a> {
         let Some(dir) = self.spool else {
             return Err(Reject::spool_failed("no spool directory is configured").into());
         };
-        Ok(Sink::Spool(dir.writer().await.map_err(spool_reject)?))
+        Ok(Sink::Spool(dir.writer()))
     }
 
     /// The file's length if the body ends the way every common client ends it: the file, then
