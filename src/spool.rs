@@ -39,45 +39,21 @@ pub const MIN_BLOCK: usize = 32 * 1024;
 /// Block bytes shared by every spool file in use, written or read back. Each holds at most two
 /// blocks (one filling or being sent, one with the file threads), so a block is
 /// `BLOCK_BUDGET / (2 * files)`, rounded down to a power of two within
-/// [`MIN_BLOCK`]..=[`MAX_BLOCK`]: 256 KiB up to 16 files, 64 KiB with 64. With fixed 256 KiB
-/// blocks, 64 uploads spooling at once held 32 MiB of blocks and unpart's RSS peaked at
-/// 63-67 MiB. A block's size is decided when it starts, so a share that shrinks takes
-/// effect within two blocks.
+/// [`MIN_BLOCK`]..=[`MAX_BLOCK`]: 256 KiB up to 16 files, 64 KiB with 64; past 128 files the
+/// floor wins and the total grows by 64 KiB a file. With fixed 256 KiB blocks, 64 uploads
+/// spooling at once held 32 MiB of blocks and unpart's RSS peaked at 65 MiB. A block's size
+/// is decided when it starts, so a share that shrinks takes effect within two blocks.
 pub const BLOCK_BUDGET: usize = 8 << 20;
 
-/// A file kept in memory is hashed on the proxy's own thread up to this size (sha256 takes
-/// about 40 µs for 64 KiB here); a larger one goes to the file threads for it.
+/// A file kept in memory is hashed on the proxy's own thread up to this many bytes times
+/// digests (sha256 takes about 40 µs for 64 KiB here); a larger one goes to the file threads.
 const INLINE_DIGEST: usize = 64 * 1024;
-
-/// Spool files in use (from the first byte written to the last read back).
-static FILES: AtomicUsize = AtomicUsize::new(0);
 
 /// The block size for a file when `files` are in use.
 fn block_for(files: usize) -> usize {
     let fair = BLOCK_BUDGET / (2 * files.max(1));
     // Powers of two: a recycled buffer fits the next block unless the share halved or doubled.
     ((fair + 1).next_power_of_two() / 2).clamp(MIN_BLOCK, MAX_BLOCK)
-}
-
-fn block_size() -> usize {
-    block_for(FILES.load(Ordering::Relaxed))
-}
-
-/// Counts one spool file in [`FILES`] while it lives.
-#[derive(Debug)]
-struct Share;
-
-impl Share {
-    fn new() -> Share {
-        FILES.fetch_add(1, Ordering::Relaxed);
-        Share
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        FILES.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Makes room for `more` bytes in `v`, growing by doubling but never past `limit` (the block's
@@ -101,6 +77,9 @@ pub struct SpoolDir {
     dir: PathBuf,
     max_total: u64,
     used: AtomicU64,
+    /// Files in use, from their file part's start to the last block read back (or a failure):
+    /// what the block budget is shared by.
+    files: AtomicUsize,
     digests: Vec<Algorithm>,
 }
 
@@ -129,6 +108,7 @@ impl SpoolDir {
             dir: conf.dir.clone(),
             max_total: conf.max_total_bytes.0,
             used: AtomicU64::new(0),
+            files: AtomicUsize::new(0),
             digests: conf.digests.clone(),
         };
         let removed = sweep(&d.dir)?;
@@ -178,6 +158,15 @@ impl SpoolDir {
     }
 
     /// Bytes spooled right now, all requests together.
+    /// Spool files in use (see `files`).
+    pub fn files(&self) -> usize {
+        self.files.load(Ordering::Relaxed)
+    }
+
+    fn block_size(&self) -> usize {
+        block_for(self.files())
+    }
+
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
@@ -205,16 +194,12 @@ impl SpoolDir {
     pub fn writer(self: &Arc<Self>) -> SpoolWriter {
         SpoolWriter {
             file: None,
-            reservation: Reservation {
-                dir: Arc::clone(self),
-                bytes: 0,
-            },
+            reservation: Reservation::new(self),
             block: Vec::new(),
             block_len: 0,
             pending: None,
             digests: Some(Digests::new(&self.digests)),
             flushed: 0,
-            share: Share::new(),
         }
     }
 }
@@ -258,7 +243,8 @@ fn process_alive(pid: i32) -> bool {
     r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Bytes counted against `spool.max_total_bytes` until the spool file is dropped.
+/// Bytes counted against `spool.max_total_bytes`, and the file counted in `SpoolDir::files`,
+/// until the spool file is dropped.
 #[derive(Debug)]
 struct Reservation {
     dir: Arc<SpoolDir>,
@@ -266,6 +252,14 @@ struct Reservation {
 }
 
 impl Reservation {
+    fn new(dir: &Arc<SpoolDir>) -> Reservation {
+        dir.files.fetch_add(1, Ordering::Relaxed);
+        Reservation {
+            dir: Arc::clone(dir),
+            bytes: 0,
+        }
+    }
+
     fn grow(&mut self, n: u64) -> Result<(), SpoolError> {
         let max = self.dir.max_total;
         let before = self.dir.used.fetch_add(n, Ordering::Relaxed);
@@ -281,6 +275,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.dir.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        // A block already handed to the file threads outlives a dropped writer until its
+        // job ends; the budget is what the living files share, not a hard cap.
+        self.dir.files.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -299,7 +296,6 @@ pub struct SpoolWriter {
     /// Here while no block is pending.
     digests: Option<Digests>,
     flushed: u64,
-    share: Share,
 }
 
 impl SpoolWriter {
@@ -307,7 +303,7 @@ impl SpoolWriter {
         self.reservation.grow(data.len() as u64)?;
         while !data.is_empty() {
             if self.block.is_empty() {
-                self.block_len = block_size();
+                self.block_len = self.reservation.dir.block_size();
                 // A buffer from a larger share would hold on to the difference.
                 if self.block.capacity() > self.block_len {
                     self.block = Vec::new();
@@ -377,8 +373,7 @@ impl SpoolWriter {
             stored: Stored::Disk(file),
             len: self.flushed,
             digests: digests.finish(),
-            _reservation: self.reservation,
-            _share: self.share,
+            reservation: self.reservation,
         })
     }
 }
@@ -388,7 +383,8 @@ impl SpoolWriter {
     async fn keep_in_memory(mut self) -> Result<SpoolFile, SpoolError> {
         let block = std::mem::take(&mut self.block);
         let mut digests = self.digests.take().ok_or_else(lost_digests)?;
-        let (block, digests) = if block.len() <= INLINE_DIGEST {
+        let algorithms = self.reservation.dir.digests.len().max(1);
+        let (block, digests) = if block.len() * algorithms <= INLINE_DIGEST {
             digests.update(&block);
             (block, digests)
         } else {
@@ -403,8 +399,7 @@ impl SpoolWriter {
             len: block.len() as u64,
             stored: Stored::Memory(Bytes::from(block)),
             digests: digests.finish(),
-            _reservation: self.reservation,
-            _share: self.share,
+            reservation: self.reservation,
         })
     }
 }
@@ -425,8 +420,7 @@ pub struct SpoolFile {
     stored: Stored,
     pub len: u64,
     pub digests: Vec<(Algorithm, String)>,
-    _reservation: Reservation,
-    _share: Share,
+    reservation: Reservation,
 }
 
 impl SpoolFile {
@@ -456,7 +450,8 @@ impl Blocks {
         let Stored::Disk(file) = &self.spool.stored else {
             return;
         };
-        let n = (len - self.offset).min(block_size() as u64) as usize;
+        let block = self.spool.reservation.dir.block_size();
+        let n = (len - self.offset).min(block as u64) as usize;
         let (file, offset) = (Arc::clone(file), self.offset);
         self.offset += n as u64;
         self.pending = Some(jobs::run(move || {
@@ -592,18 +587,19 @@ mod tests {
             .map(|i| (i * 13 % 251) as u8)
             .collect();
         let mut w = spool.writer();
+        assert_eq!(spool.files(), 1);
         w.append(&data[..MAX_BLOCK + 10]).await.unwrap();
-        assert!(w.block.capacity() <= MAX_BLOCK);
-        // Other tests running beside this one can only make the share smaller.
-        let mut others = Vec::new();
-        for _ in 0..63 {
-            others.push(spool.writer());
-        }
+        // Alone, a whole 256 KiB block went to disk.
+        assert!(w.file.is_some());
+        assert_eq!(w.flushed, MAX_BLOCK as u64);
+        let others: Vec<_> = (0..63).map(|_| spool.writer()).collect();
+        assert_eq!(spool.files(), 64);
         let small = block_for(64);
+        assert_eq!(small, 64 << 10);
         w.append(&data[MAX_BLOCK + 10..]).await.unwrap();
         // The block that was filling kept its size; the ones after it took the new share,
         // and the larger buffer handed back by the file threads was not kept.
-        assert!(w.block_len <= small, "{}", w.block_len);
+        assert_eq!(w.block_len, small);
         assert!(w.block.capacity() <= small, "{}", w.block.capacity());
         let f = w.finish().await.unwrap();
         let mut expect = Digests::new(&[Algorithm::Sha256, Algorithm::Crc32c]);
@@ -617,7 +613,9 @@ mod tests {
         }
         assert!(back == data);
         drop(blocks);
+        assert_eq!(spool.files(), 63);
         drop(others);
+        assert_eq!(spool.files(), 0);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -626,21 +624,28 @@ mod tests {
         let d = temp_dir("mem");
         let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
         let algos = [Algorithm::Sha256, Algorithm::Crc32c];
-        // Below MIN_BLOCK a file always fits; 100 KiB does while few files are in use (its
-        // digests are then computed by the file threads) and goes to disk otherwise.
-        for len in [0, 1, 5_000, MIN_BLOCK - 1, 100 << 10, MAX_BLOCK * 2 + 5] {
+        // Alone, a file has 256 KiB blocks. Two digests of 100 KiB are computed by the file
+        // threads, smaller ones inline.
+        for len in [
+            0,
+            1,
+            5_000,
+            MIN_BLOCK - 1,
+            100 << 10,
+            MAX_BLOCK - 1,
+            MAX_BLOCK * 2 + 5,
+        ] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
             let mut w = spool.writer();
             for piece in data.chunks(3_000) {
                 w.append(piece).await.unwrap();
             }
             let f = w.finish().await.unwrap();
-            if len < MIN_BLOCK {
-                assert!(matches!(f.stored, Stored::Memory(_)), "{len}");
-            }
-            if len > MAX_BLOCK {
-                assert!(matches!(f.stored, Stored::Disk(_)), "{len}");
-            }
+            assert_eq!(
+                matches!(f.stored, Stored::Memory(_)),
+                len < MAX_BLOCK,
+                "{len}"
+            );
             assert_eq!(f.len, len as u64);
             assert_eq!(spool.used(), len as u64);
             let mut expect = Digests::new(&algos);
@@ -655,6 +660,7 @@ mod tests {
             assert!(back == data, "{len}");
             drop(blocks);
             assert_eq!(spool.used(), 0);
+            assert_eq!(spool.files(), 0);
         }
         std::fs::remove_dir_all(&d).unwrap();
     }

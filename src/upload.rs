@@ -299,13 +299,13 @@ impl<'a> Upload<'a> {
     /// The file part has started: decide where its bytes go.
     async fn open_sink(&mut self, session: &Session) -> Result<Sink, Failure> {
         let length = match (self.route.mode, self.route.framing) {
-            (Mode::Spool, _) => return self.spool_sink().await,
+            (Mode::Spool, _) => return self.spool_sink(),
             (_, FramingMode::Chunked) => None,
             (_, FramingMode::Length) => match self.expected_file_len(session) {
                 Some(n) => Some(n),
                 None => match self.route.length_fallback {
                     LengthFallback::Chunked => None,
-                    LengthFallback::Spool => return self.spool_sink().await,
+                    LengthFallback::Spool => return self.spool_sink(),
                     LengthFallback::Reject => return Err(Reject::length_required().into()),
                 },
             },
@@ -325,7 +325,7 @@ impl<'a> Upload<'a> {
         })
     }
 
-    async fn spool_sink(&self) -> Result<Sink, Failure> {
+    fn spool_sink(&self) -> Result<Sink, Failure> {
         let Some(dir) = self.spool else {
             return Err(Reject::spool_failed("no spool directory is configured").into());
         };

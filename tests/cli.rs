@@ -295,9 +295,11 @@ fn a_daemon_that_drops_to_a_user_can_still_spool() {
         "user: nobody\ngroup: nogroup\nmode: spool\nspool: {dir: \"{d}/spool\"}\n",
         true,
     );
+    // Larger than a disk block (256 KiB), so it is written to a spool file as `nobody`.
+    let file = support::payload(300_000);
     let form = support::form(
         "du",
-        &[("a", None, None, b"1"), ("f", Some("f"), None, b"data")],
+        &[("a", None, None, b"1"), ("f", Some("f"), None, &file)],
     );
     let resp = support::raw_request(
         &d.listen,
