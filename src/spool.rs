@@ -12,7 +12,7 @@
 //! every spool file in use (see [`BLOCK_BUDGET`]), so many uploads at once do not multiply
 //! the memory a lone one uses.
 //!
-//! A file that ends inside its first block never touches the disk: no spool file is created,
+//! A file smaller than one block never touches the disk: no spool file is created,
 //! and it is sent from that block. Most files of browser forms are that small, and for them
 //! the disk round trip (create and unlink, write, read back: three hand-overs to the file
 //! threads) was most of spool mode's cost per request.
@@ -157,7 +157,6 @@ impl SpoolDir {
         &self.dir
     }
 
-    /// Bytes spooled right now, all requests together.
     /// Spool files in use (see `files`).
     pub fn files(&self) -> usize {
         self.files.load(Ordering::Relaxed)
@@ -167,6 +166,7 @@ impl SpoolDir {
         block_for(self.files())
     }
 
+    /// Bytes spooled right now, all requests together.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
@@ -597,8 +597,8 @@ mod tests {
         let small = block_for(64);
         assert_eq!(small, 64 << 10);
         w.append(&data[MAX_BLOCK + 10..]).await.unwrap();
-        // The block that was filling kept its size; the ones after it took the new share,
-        // and the larger buffer handed back by the file threads was not kept.
+        // The blocks started after the share shrank are 64 KiB, and the larger buffer handed
+        // back by the file threads was not kept.
         assert_eq!(w.block_len, small);
         assert!(w.block.capacity() <= small, "{}", w.block.capacity());
         let f = w.finish().await.unwrap();
@@ -624,17 +624,21 @@ mod tests {
         let d = temp_dir("mem");
         let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
         let algos = [Algorithm::Sha256, Algorithm::Crc32c];
-        // Alone, a file has 256 KiB blocks. Two digests of 100 KiB are computed by the file
-        // threads, smaller ones inline.
-        for len in [
+        // Alone, a file has 256 KiB blocks: shorter ones stay in memory, whether their digests
+        // are computed inline or by the file threads (over 32 KiB with two digests); a file of
+        // exactly a block or more goes to disk.
+        let lens = [
             0,
             1,
             5_000,
             MIN_BLOCK - 1,
             100 << 10,
             MAX_BLOCK - 1,
+            MAX_BLOCK,
+            MAX_BLOCK * 2,
             MAX_BLOCK * 2 + 5,
-        ] {
+        ];
+        for len in lens {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
             let mut w = spool.writer();
             for piece in data.chunks(3_000) {

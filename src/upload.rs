@@ -6,8 +6,9 @@
 //! - `Length` (stream mode, `framing: length`): the same, with a Content-Length computed from
 //!   the client's, and the file's last byte held back until the parser has seen the body end
 //!   exactly there; pingora's fixed-length writer would otherwise complete a wrong request.
-//! - `Spool` (spool mode, or the length fallback): the file goes to a spool file; the backend
-//!   is contacted only after the body ended cleanly, with every field and an exact length.
+//! - `Spool` (spool mode, or the length fallback): the file goes to a spool file (a file
+//!   smaller than one disk block stays in memory); the backend is contacted only after the
+//!   body ended cleanly, with every field and an exact length.
 //!
 //! Memory per request is bounded whatever the file's size: the parser's small buffers, the
 //! form headers (bounded by limits) and, when spooling, two disk blocks.
