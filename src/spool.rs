@@ -356,9 +356,9 @@ impl SpoolWriter {
 
     /// Writes what is left and returns the complete file with its size and digests.
     pub async fn finish(mut self) -> Result<SpoolFile, SpoolError> {
-        if self.file.is_none() {
+        let Some(file) = self.file.clone() else {
             return self.keep_in_memory().await;
-        }
+        };
         if !self.block.is_empty() {
             self.flush_block().await?;
         }
@@ -366,9 +366,6 @@ impl SpoolWriter {
             Some((_, d)) => d,
             None => self.digests.take().ok_or_else(lost_digests)?,
         };
-        let file = self
-            .file
-            .ok_or_else(|| io::Error::other("spool file lost"))?;
         Ok(SpoolFile {
             stored: Stored::Disk(file),
             len: self.flushed,
@@ -376,9 +373,7 @@ impl SpoolWriter {
             reservation: self.reservation,
         })
     }
-}
 
-impl SpoolWriter {
     /// The whole file is in its first block: it stays there.
     async fn keep_in_memory(mut self) -> Result<SpoolFile, SpoolError> {
         let block = std::mem::take(&mut self.block);
