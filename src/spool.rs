@@ -504,6 +504,23 @@ mod tests {
         }
     }
 
+    /// The digests the test files are checked against (those of `conf`).
+    fn digests_of(data: &[u8]) -> Vec<(Algorithm, String)> {
+        let mut d = Digests::new(&[Algorithm::Sha256, Algorithm::Crc32c]);
+        d.update(data);
+        d.finish()
+    }
+
+    /// Every block read back, each non-empty and at most `max` bytes, joined.
+    async fn read_all(blocks: &mut Blocks, max: usize) -> Vec<u8> {
+        let mut back = Vec::new();
+        while let Some(b) = blocks.next().await.unwrap() {
+            assert!(!b.is_empty() && b.len() <= max, "{}", b.len());
+            back.extend_from_slice(&b);
+        }
+        back
+    }
+
     #[tokio::test]
     async fn round_trip_leaves_no_name_and_frees_the_reservation() {
         let d = temp_dir("rt");
@@ -523,16 +540,9 @@ mod tests {
         let f = w.finish().await.unwrap();
         assert_eq!(f.len, data.len() as u64);
         assert_eq!(spool.used(), data.len() as u64);
-        let mut expect = Digests::new(&[Algorithm::Sha256, Algorithm::Crc32c]);
-        expect.update(&data);
-        assert_eq!(f.digests, expect.finish());
-        let mut back = Vec::new();
+        assert_eq!(f.digests, digests_of(&data));
         let mut blocks = f.into_blocks();
-        while let Some(b) = blocks.next().await.unwrap() {
-            assert!(b.len() <= MAX_BLOCK);
-            back.extend_from_slice(&b);
-        }
-        assert!(back == data);
+        assert!(read_all(&mut blocks, MAX_BLOCK).await == data);
         assert_eq!(spool.used(), data.len() as u64);
         drop(blocks);
         assert_eq!(spool.used(), 0);
@@ -597,16 +607,9 @@ mod tests {
         assert_eq!(w.block_len, small);
         assert!(w.block.capacity() <= small, "{}", w.block.capacity());
         let f = w.finish().await.unwrap();
-        let mut expect = Digests::new(&[Algorithm::Sha256, Algorithm::Crc32c]);
-        expect.update(&data);
-        assert_eq!(f.digests, expect.finish());
-        let mut back = Vec::new();
+        assert_eq!(f.digests, digests_of(&data));
         let mut blocks = f.into_blocks();
-        while let Some(b) = blocks.next().await.unwrap() {
-            assert!(b.len() <= small, "{}", b.len());
-            back.extend_from_slice(&b);
-        }
-        assert!(back == data);
+        assert!(read_all(&mut blocks, small).await == data);
         drop(blocks);
         assert_eq!(spool.files(), 63);
         drop(others);
@@ -615,10 +618,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_file_within_its_first_block_stays_in_memory() {
+    async fn a_file_smaller_than_a_block_stays_in_memory() {
         let d = temp_dir("mem");
         let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
-        let algos = [Algorithm::Sha256, Algorithm::Crc32c];
         // Alone, a file has 256 KiB blocks: shorter ones stay in memory, whether their digests
         // are computed inline or by the file threads (over 32 KiB with two digests); a file of
         // exactly a block or more goes to disk.
@@ -647,16 +649,9 @@ mod tests {
             );
             assert_eq!(f.len, len as u64);
             assert_eq!(spool.used(), len as u64);
-            let mut expect = Digests::new(&algos);
-            expect.update(&data);
-            assert_eq!(f.digests, expect.finish(), "{len}");
-            let mut back = Vec::new();
+            assert_eq!(f.digests, digests_of(&data), "{len}");
             let mut blocks = f.into_blocks();
-            while let Some(b) = blocks.next().await.unwrap() {
-                assert!(!b.is_empty());
-                back.extend_from_slice(&b);
-            }
-            assert!(back == data, "{len}");
+            assert!(read_all(&mut blocks, MAX_BLOCK).await == data, "{len}");
             drop(blocks);
             assert_eq!(spool.used(), 0);
             assert_eq!(spool.files(), 0);
