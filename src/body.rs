@@ -57,6 +57,12 @@ pub const MIN_READ: usize = 64 << 10;
 /// otherwise size theirs for a quieter moment (1 MiB, 512 KiB, ...) and the peak would be
 /// several budgets until they shrink.
 pub const READ_BUDGET: usize = 4 << 20;
+/// A reader's buffer grows to a larger share only while at least this many reads of the new
+/// size are left. A replaced buffer's pages stay resident until the allocator decays them
+/// (a second), and the new one's are touched afresh; when a crowd of uploads ends together,
+/// the last ones grew step by step as the others left, and those left-over pages were the
+/// process's peak: 64 spooled uploads at once peaked at 35.7 MiB, 31.0 without the growth.
+pub const GROW_READS: u64 = 256;
 
 /// Buffer bytes the direct readers hold now.
 static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
@@ -265,8 +271,7 @@ impl ClientBody {
 
 /// One read of the middle, of at most the buffer's size and never past the middle's end.
 async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError> {
-    let size = d.share.read_size();
-    if size >= 2 * d.share.alloc || 2 * size <= d.share.alloc {
+    if let Some(size) = resize_to(d.share.alloc, d.share.read_size(), d.left) {
         // The previous buffer goes when its last piece is dropped.
         d.buf = page::buffer(size);
         d.share.resize(size);
@@ -292,6 +297,16 @@ async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError>
     }
     d.left -= n as u64;
     Ok(d.buf.split().freeze())
+}
+
+/// The size to replace a reader's buffer with, if any: its first buffer, one half the size or
+/// less when the share shrank, or one twice the size or more when the share grew and enough of
+/// the body is left (see [`GROW_READS`]).
+fn resize_to(alloc: usize, share: usize, left: u64) -> Option<usize> {
+    let first = alloc == 0;
+    let shrink = 2 * share <= alloc;
+    let grow = share >= 2 * alloc && left >= GROW_READS * share as u64;
+    (first || shrink || grow).then_some(share)
 }
 
 /// The head's length and the direct reader, when the body qualifies; pingora's body reader is
@@ -438,6 +453,36 @@ mod tests {
         ] {
             assert_eq!(parse_content_length(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn buffers_are_replaced_when_the_share_halves_or_doubles_with_enough_left() {
+        let k = 1024;
+        let plenty = u64::MAX;
+        assert_eq!(resize_to(0, 64 * k, 1), Some(64 * k), "the first buffer");
+        assert_eq!(resize_to(64 * k, 64 * k, plenty), None);
+        assert_eq!(
+            resize_to(256 * k, 128 * k, 1),
+            Some(128 * k),
+            "shrinks, however little is left"
+        );
+        assert_eq!(
+            resize_to(256 * k, 129 * k, plenty),
+            None,
+            "less than halved"
+        );
+        assert_eq!(
+            resize_to(64 * k, 127 * k, plenty),
+            None,
+            "less than doubled"
+        );
+        let need = GROW_READS * 128 * k as u64;
+        assert_eq!(resize_to(64 * k, 128 * k, need), Some(128 * k));
+        assert_eq!(
+            resize_to(64 * k, 128 * k, need - 1),
+            None,
+            "too little left to grow"
+        );
     }
 
     // One test: the counters are process-wide.
