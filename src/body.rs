@@ -52,16 +52,19 @@ pub const MAX_READ: usize = 1 << 20;
 pub const MIN_READ: usize = 64 << 10;
 /// Read buffer bytes shared by all uploads reading directly at the same time: each read of an
 /// upload is at most `READ_BUDGET / active`, within [`MIN_READ`]..=[`MAX_READ`], and its buffer
-/// is replaced when that size halves or doubles. A new buffer never takes the total past the
+/// is replaced when that size halves, or doubles with enough of the body left
+/// ([`GROW_READS`]). A new buffer never takes the total past the
 /// budget (beyond [`MIN_READ`] each): when 64 uploads start at once, the first ones would
 /// otherwise size theirs for a quieter moment (1 MiB, 512 KiB, ...) and the peak would be
 /// several budgets until they shrink.
 pub const READ_BUDGET: usize = 4 << 20;
-/// A reader's buffer grows to a larger share only while at least this many reads of the new
-/// size are left. A replaced buffer's pages stay resident until the allocator decays them
-/// (a second), and the new one's are touched afresh; when a crowd of uploads ends together,
-/// the last ones grew step by step as the others left, and those left-over pages were the
-/// process's peak: 64 spooled uploads at once peaked at 35.7 MiB, 31.0 without the growth.
+/// A reader's buffer grows only to a size that at least this many reads of the body left will
+/// fill. A replaced buffer's pages stay resident until the allocator decays them (about a
+/// second: `dirty_decay_ms` in `main.rs`), and the new one's are touched afresh. When a crowd
+/// of uploads ended together, the last ones grew step by step as the others left, and the
+/// pages they left were the process's peak: 64 spooled uploads of 64 MiB (4 MiB of spool
+/// blocks) peaked at 35.7 MiB, 31.0 without any growth. With 256, an upload with 32 MiB left
+/// may still move from 64 to 128 KiB reads, one with 256 MiB left to 1 MiB.
 pub const GROW_READS: u64 = 256;
 
 /// Buffer bytes the direct readers hold now.
@@ -299,14 +302,19 @@ async fn read_direct(d: &mut Direct, idle: Duration) -> Result<Bytes, BodyError>
     Ok(d.buf.split().freeze())
 }
 
-/// The size to replace a reader's buffer with, if any: its first buffer, one half the size or
-/// less when the share shrank, or one twice the size or more when the share grew and enough of
-/// the body is left (see [`GROW_READS`]).
+/// The size to replace a reader's buffer with, if any:
+/// - its first buffer: the whole share, however little is left (a body qualifies for direct
+///   reads only from `MIN_DIRECT`, and a lone upload should not start small);
+/// - the share when it is half the buffer or less;
+/// - when the share grew, the share or what [`GROW_READS`] reads of the body left fill,
+///   whichever is smaller, if that at least doubles the buffer.
 fn resize_to(alloc: usize, share: usize, left: u64) -> Option<usize> {
-    let first = alloc == 0;
-    let shrink = 2 * share <= alloc;
-    let grow = share >= 2 * alloc && left >= GROW_READS * share as u64;
-    (first || shrink || grow).then_some(share)
+    if alloc == 0 || share <= alloc / 2 {
+        return Some(share);
+    }
+    let fill = usize::try_from(left / GROW_READS).unwrap_or(usize::MAX);
+    let grown = share.min(fill);
+    (grown / 2 >= alloc).then_some(grown)
 }
 
 /// The head's length and the direct reader, when the body qualifies; pingora's body reader is
@@ -478,6 +486,13 @@ mod tests {
         );
         let need = GROW_READS * 128 * k as u64;
         assert_eq!(resize_to(64 * k, 128 * k, need), Some(128 * k));
+        assert_eq!(resize_to(64 * k, 128 * k, plenty), Some(128 * k));
+        // A crowd ended at once: the share is 1 MiB, but 200 MiB left fill 800 KiB reads.
+        let left = 200 << 20;
+        assert_eq!(
+            resize_to(64 * k, 1024 * k, left),
+            Some((left / GROW_READS) as usize)
+        );
         assert_eq!(
             resize_to(64 * k, 128 * k, need - 1),
             None,
