@@ -1,5 +1,6 @@
-//! Client body reader for stream mode: reads a large `Content-Length` body in big pieces
-//! straight from the client's socket, without pingora's 64 KiB-per-read, copy-per-read path.
+//! Client body reader for stream and spool mode: reads a large `Content-Length` body in big
+//! pieces straight from the client's socket, without pingora's 64 KiB-per-read, copy-per-read
+//! path.
 //!
 //! pingora 0.9's h1 server reads a request body at most 64 KiB at a time and copies every piece
 //! into a new `Bytes`; at upload speeds that costs a wakeup, two syscalls and a copy per 64 KiB.
@@ -52,9 +53,9 @@ pub const MAX_READ: usize = 1 << 20;
 pub const MIN_READ: usize = 64 << 10;
 /// Read buffer bytes shared by all uploads reading directly at the same time: each read of an
 /// upload is at most `READ_BUDGET / active`, within [`MIN_READ`]..=[`MAX_READ`], and its buffer
-/// is replaced when that size halves, or doubles with enough of the body left
-/// ([`GROW_READS`]). A new buffer never takes the total past the
-/// budget (beyond [`MIN_READ`] each): when 64 uploads start at once, the first ones would
+/// is replaced when that size halves, or grows (at least doubling) to the smaller of that size
+/// and what [`GROW_READS`] reads of the body left fill. A new buffer never takes the total past
+/// the budget (beyond [`MIN_READ`] each): when 64 uploads start at once, the first ones would
 /// otherwise size theirs for a quieter moment (1 MiB, 512 KiB, ...) and the peak would be
 /// several budgets until they shrink.
 pub const READ_BUDGET: usize = 4 << 20;
@@ -63,7 +64,7 @@ pub const READ_BUDGET: usize = 4 << 20;
 /// second: `dirty_decay_ms` in `main.rs`), and the new one's are touched afresh. When a crowd
 /// of uploads ended together, the last ones grew step by step as the others left, and the
 /// pages they left were the process's peak: 64 spooled uploads of 64 MiB (4 MiB of spool
-/// blocks) peaked at 35.7 MiB, 31.0 without any growth. With 256, an upload with 32 MiB left
+/// blocks) peaked at 34.9 MiB, 30.2 without any growth. With 256, an upload with 32 MiB left
 /// may still move from 64 to 128 KiB reads, one with 256 MiB left to 1 MiB.
 pub const GROW_READS: u64 = 256;
 
@@ -464,7 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn buffers_are_replaced_when_the_share_halves_or_doubles_with_enough_left() {
+    fn buffers_shrink_with_the_share_and_grow_only_as_far_as_the_body_left_fills() {
         let k = 1024;
         let plenty = u64::MAX;
         assert_eq!(resize_to(0, 64 * k, 1), Some(64 * k), "the first buffer");
@@ -487,6 +488,11 @@ mod tests {
         let need = GROW_READS * 128 * k as u64;
         assert_eq!(resize_to(64 * k, 128 * k, need), Some(128 * k));
         assert_eq!(resize_to(64 * k, 128 * k, plenty), Some(128 * k));
+        // The share is far above the buffer, but 100 KiB reads are all the body left fills.
+        assert_eq!(
+            resize_to(64 * k, 1024 * k, GROW_READS * 100 * k as u64),
+            None
+        );
         // A crowd ended at once: the share is 1 MiB, but 200 MiB left fill 800 KiB reads.
         let left = 200 << 20;
         assert_eq!(

@@ -62,8 +62,10 @@ fn queue() -> &'static Mutex<mpsc::Sender<Task>> {
 /// the arena that allocated it, and freed pages stay resident until that arena reuses or
 /// decays them: when the file threads allocated the blocks read back (now the workers do,
 /// `spool.rs`) and each was on a different arena, 64 spooled uploads peaked at 118-137 MiB of
-/// RSS. What they still allocate (digest state, spool file handles) stays in one arena.
-/// `None` when jemalloc refuses (the threads then keep the arenas jemalloc gives them).
+/// RSS. They now allocate only short-lived temporaries (a spool file's name, error strings);
+/// the shared arena stays as a guard, so that whatever they allocate later does not spread over
+/// eight arenas. `None` when jemalloc refuses (the threads then keep the arenas jemalloc gives
+/// them).
 fn shared_arena() -> Option<u32> {
     // SAFETY: "arenas.create" takes no input and returns the new arena's index as an unsigned.
     match unsafe { tikv_jemalloc_ctl::raw::read::<u32>(b"arenas.create\0") } {

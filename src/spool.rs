@@ -42,9 +42,11 @@ pub const MIN_BLOCK: usize = 32 * 1024;
 /// [`MIN_BLOCK`]..=[`MAX_BLOCK`]: 256 KiB up to 8 files, 128 KiB with 9-16, 64 KiB with 17-32,
 /// 32 KiB from 33; past 64 files the floor wins and the total grows by 64 KiB a file. With
 /// fixed 256 KiB blocks, 64 uploads spooling at once held 32 MiB of blocks and unpart's RSS
-/// peaked at 65 MiB; with an 8 MiB budget, at 42 MiB (see README, "How it works", for what
-/// else that took). A block's size is decided when it starts, so a share that shrinks takes
-/// effect within two blocks.
+/// peaked at 65 MiB; with an 8 MiB budget, at 38.9-39.4 MiB, and with this one at 34.9 (the
+/// rest of the way to 30 MiB was `GROW_READS` in `body.rs`). A block's size is decided when it
+/// starts, so a share that shrinks takes effect within two blocks. A smaller block also means a
+/// smaller file that stays in memory: up to 128 KiB from 9 files spooling at once, 32 KiB from
+/// 33.
 pub const BLOCK_BUDGET: usize = 4 << 20;
 
 /// A file kept in memory is hashed on the proxy's own thread up to this many bytes times
@@ -454,7 +456,7 @@ impl Blocks {
         // Allocated here, on a proxy worker, not by the file thread: then it comes from a
         // worker's arena, where the blocks written before were freed, and can reuse their
         // pages instead of adding the file threads' arena's on top (64 spooled uploads, two
-        // runs each: peak RSS 39.9-40.3 against 41.0-41.2 MiB).
+        // runs each: peak RSS 38.9-39.4 against 40.1-40.2 MiB).
         let mut buf = Vec::with_capacity(n);
         self.pending = Some(jobs::run(move || {
             // Reads at the file's cursor (blocks are read one at a time, in order) into spare
