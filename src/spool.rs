@@ -382,8 +382,7 @@ impl SpoolWriter {
     async fn keep_in_memory(mut self) -> Result<SpoolFile, SpoolError> {
         let block = std::mem::take(&mut self.block);
         let mut digests = self.digests.take().ok_or_else(lost_digests)?;
-        let algorithms = self.reservation.dir.digests.len().max(1);
-        let (block, digests) = if block.len() * algorithms <= INLINE_DIGEST {
+        let (block, digests) = if hash_inline(block.len(), self.reservation.dir.digests.len()) {
             digests.update(&block);
             (block, digests)
         } else {
@@ -401,6 +400,11 @@ impl SpoolWriter {
             reservation: self.reservation,
         })
     }
+}
+
+/// Whether a file kept in memory is hashed on the proxy's own thread (see [`INLINE_DIGEST`]).
+fn hash_inline(len: usize, algorithms: usize) -> bool {
+    len * algorithms.max(1) <= INLINE_DIGEST
 }
 
 fn lost_digests() -> io::Error {
@@ -635,7 +639,9 @@ mod tests {
         let spool = Arc::new(SpoolDir::prepare(&conf(&d, 0)).unwrap());
         // Alone, a file has 256 KiB blocks: shorter ones stay in memory, whether their digests
         // are computed inline or by the file threads (over 32 KiB with two digests); a file of
-        // exactly a block or more goes to disk.
+        // exactly a block or more goes to disk. Both hashing paths are among these lengths:
+        assert!(hash_inline(5_000, 2) && hash_inline(MIN_BLOCK, 2));
+        assert!(!hash_inline(MIN_BLOCK + 1, 2) && !hash_inline(100 << 10, 2));
         let lens = [
             0,
             1,
