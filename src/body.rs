@@ -506,9 +506,16 @@ mod tests {
         );
     }
 
-    // One test: the counters are process-wide.
+    /// The counters are process-wide: the tests that count readers take turns.
+    static COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn counters_turn() -> std::sync::MutexGuard<'static, ()> {
+        COUNTERS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn buffer_sizes_share_the_budget() {
+        let _turn = counters_turn();
         let a = Share::new();
         assert_eq!(a.read_size(), READ_BUDGET.clamp(MIN_READ, MAX_READ));
         let many: Vec<_> = (0..100).map(|_| Share::new()).collect();
@@ -531,5 +538,78 @@ mod tests {
         drop(a);
         assert_eq!(ALLOCATED.load(Ordering::Relaxed), 0);
         assert_eq!(ACTIVE.load(Ordering::Relaxed), 0);
+    }
+
+    /// `read_direct` follows `resize_to` with a real socket: its buffer starts at the whole
+    /// share, shrinks when a crowd arrives, grows back when the crowd leaves, and grows only
+    /// as far as the body left fills; each read is at most the buffer.
+    #[test]
+    fn a_direct_reader_resizes_its_buffer_as_the_share_and_the_body_left_change() {
+        let _turn = counters_turn();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let k: u64 = 1024;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            // More than every read below takes, so no read waits for the writer.
+            let writer = tokio::spawn(async move {
+                let _ = client.write_all(&vec![7u8; 6 << 20]).await;
+                client
+            });
+            let mut d = Direct {
+                sock: server,
+                buf: BytesMut::new(),
+                left: 1 << 40,
+                tail: 0,
+                share: Share::new(),
+            };
+            let idle = Duration::from_secs(10);
+            async fn one(d: &mut Direct, idle: Duration) -> usize {
+                let n = read_direct(d, idle).await.expect("a read").len();
+                assert!(
+                    n > 0 && n <= d.share.alloc,
+                    "read {n} into {}",
+                    d.share.alloc
+                );
+                n
+            }
+
+            one(&mut d, idle).await;
+            assert_eq!(d.share.alloc, MAX_READ, "alone: the whole share");
+            assert_eq!(ALLOCATED.load(Ordering::Relaxed), MAX_READ);
+
+            let crowd: Vec<_> = (0..63).map(|_| Share::new()).collect();
+            one(&mut d, idle).await;
+            assert_eq!(d.share.alloc, MIN_READ, "one of 64: shrunk");
+            drop(crowd);
+            one(&mut d, idle).await;
+            assert_eq!(d.share.alloc, MAX_READ, "alone again, plenty left: grown");
+
+            let crowd: Vec<_> = (0..63).map(|_| Share::new()).collect();
+            one(&mut d, idle).await;
+            assert_eq!(d.share.alloc, MIN_READ);
+            drop(crowd);
+            // 256 reads of 100 KiB left: not enough to double a 64 KiB buffer.
+            d.left = GROW_READS * 100 * k;
+            one(&mut d, idle).await;
+            assert_eq!(d.share.alloc, MIN_READ, "too little left to grow");
+            // Enough for 256 reads of 160 KiB: grown that far, not to the 1 MiB share.
+            d.left = GROW_READS * 160 * k;
+            one(&mut d, idle).await;
+            assert_eq!(d.share.alloc, 160 * k as usize);
+            assert_eq!(ALLOCATED.load(Ordering::Relaxed), 160 * k as usize);
+
+            drop(d);
+            assert_eq!(ALLOCATED.load(Ordering::Relaxed), 0);
+            assert_eq!(ACTIVE.load(Ordering::Relaxed), 0);
+            drop(writer.await.unwrap());
+        });
     }
 }
