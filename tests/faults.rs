@@ -603,18 +603,32 @@ fn slow_and_idle_clients_hit_their_timeouts_and_leave_nothing() {
     back_to(&u, &base, "after slow and idle clients");
 }
 
-/// Writes `bytes` one at a time, `gap` apart, until done or the connection fails.
-fn drip(s: &TcpStream, bytes: &[u8], gap: Duration) -> thread::JoinHandle<()> {
+/// Writes `bytes` one at a time, `gap` apart, until done or the connection fails; returns
+/// when it stopped, and whether a write failed.
+fn drip(s: &TcpStream, bytes: &[u8], gap: Duration) -> thread::JoinHandle<(Instant, bool)> {
     let mut w = s.try_clone().unwrap();
     let bytes = bytes.to_vec();
     thread::spawn(move || {
         for b in bytes {
             if w.write_all(&[b]).is_err() {
-                return;
+                return (Instant::now(), true);
             }
             thread::sleep(gap);
         }
+        (Instant::now(), false)
     })
+}
+
+/// After a 408, unpart drains what the client still sends for at most `LINGER` (1 s) or
+/// 64 KiB (`head.rs`), then closes. Past that a write fails (the close resets the connection)
+/// well within this; a drain without its bound would keep the connection for as long as the
+/// client sends.
+const LINGER_BOUND: Duration = Duration::from_secs(4);
+
+/// The most the kernel lets one TCP socket buffer (the last of `net.ipv4.NAME`'s three values).
+fn tcp_buffer_max(name: &str) -> u64 {
+    let v = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap();
+    v.split_whitespace().last().unwrap().parse().unwrap()
 }
 
 /// An answer, how long it took from `since`, and whether the connection then closed.
@@ -647,9 +661,36 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
             s.set_read_timeout(Some(TIMEOUT)).unwrap();
             let writer = drip(&s, &req, Duration::from_millis(200));
             let a = answer_and_close(&s, start);
+            let answered = Instant::now();
+            let (stopped, failed) = writer.join().unwrap();
             drop(s);
-            writer.join().unwrap();
-            a
+            (a, failed, stopped.saturating_duration_since(answered))
+        })
+    };
+    // Part of a head, then, after the 408, bytes as fast as the socket takes them.
+    let flooded = {
+        let (addr, part) = (u.addr.clone(), req[..head / 2].to_vec());
+        thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.set_write_timeout(Some(TIMEOUT)).unwrap();
+            s.write_all(&part).unwrap();
+            let status = read_response(&mut BufReader::new(s.try_clone().unwrap()))
+                .expect("an answer")
+                .status;
+            let answered = Instant::now();
+            let junk = vec![b'x'; 64 << 10];
+            let mut sent = 0u64;
+            let ended = loop {
+                match s.write(&junk) {
+                    Ok(n) => sent += n as u64,
+                    Err(e) => break e.kind(),
+                }
+                if answered.elapsed() > TIMEOUT {
+                    break std::io::ErrorKind::TimedOut;
+                }
+            };
+            (status, ended, answered.elapsed(), sent)
         })
     };
     let silent = {
@@ -663,7 +704,7 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
             (end, got, start.elapsed())
         })
     };
-    let (status, json, took, closed) = dripped.join().unwrap();
+    let ((status, json, took, closed), failed, kept) = dripped.join().unwrap();
     assert_eq!(
         (status, json["error"].as_str()),
         (408, Some("head_timeout"))
@@ -674,6 +715,28 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
         "answered after {took:?}"
     );
     assert!(closed, "the connection stayed open");
+    // The head's remaining bytes would take far longer to drip than the linger.
+    assert!(
+        failed && kept < LINGER_BOUND,
+        "a client dripping on after its 408 kept the connection {kept:?} (write failed: {failed})"
+    );
+    let (status, ended, kept, sent) = flooded.join().unwrap();
+    assert_eq!(status, 408);
+    assert!(
+        matches!(
+            ended,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ) && kept < LINGER_BOUND,
+        "a client flooding after its 408 kept the connection {kept:?}, {sent} bytes, then {ended:?}"
+    );
+    // Within the linger, the drain stops at 64 KiB: what the client got to send is that and
+    // what the two sockets' buffers hold (1-4 MiB here; a drain without the byte bound took
+    // 1.4 GB in its 1 s).
+    let most = (64 << 10) + tcp_buffer_max("tcp_rmem") + tcp_buffer_max("tcp_wmem");
+    assert!(
+        sent <= most,
+        "{sent} bytes sent after the 408, more than {most}"
+    );
     let (end, got, took) = silent.join().unwrap();
     assert_eq!(
         (end, got.as_slice()),
@@ -706,8 +769,10 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
     let start = Instant::now();
     let writer = drip(&s, &req[..head], Duration::from_millis(200));
     let (status, json, took, closed) = answer_and_close(&s, start);
+    let answered = Instant::now();
+    let (stopped, failed) = writer.join().unwrap();
     drop((w, r, s));
-    writer.join().unwrap();
+    assert!(failed && stopped.saturating_duration_since(answered) < LINGER_BOUND);
     assert_eq!(
         (status, json["error"].as_str()),
         (408, Some("head_timeout"))
@@ -721,7 +786,8 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
     // Only the two complete requests reached the backend.
     assert_eq!(up.received_after(Duration::from_millis(300)).len(), 2);
     let log = u.log_text();
-    assert_eq!(log.matches("408 head_timeout").count(), 2, "{log}");
+    // The dripped, the flooded and the keep-alive heads.
+    assert_eq!(log.matches("408 head_timeout").count(), 3, "{log}");
     // pingora's own "Fail to proxy" line for each is demoted to DEBUG (src/logging.rs): one
     // INFO line per client, not an ERROR an operator would be alerted by.
     assert!(
@@ -732,7 +798,7 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
     let metrics = admin_get(&u, "/metrics");
     assert!(
         metrics.contains(
-            "unpart_rejections_total{limit=\"timeouts.client_head\",reason=\"head_timeout\"} 2"
+            "unpart_rejections_total{limit=\"timeouts.client_head\",reason=\"head_timeout\"} 3"
         ),
         "{metrics}"
     );
