@@ -626,6 +626,16 @@ fn drip(s: &TcpStream, bytes: &[u8], gap: Duration) -> thread::JoinHandle<(Insta
 /// client sends.
 const LINGER_BOUND: Duration = Duration::from_secs(4);
 
+/// Asserts that a client still writing after its 408 (`answered` on its side) lost the
+/// connection within [`LINGER_BOUND`]: `stopped` and `failed` are what [`drip`] returned.
+fn assert_cut_off(who: &str, answered: Instant, (stopped, failed): (Instant, bool)) {
+    let kept = stopped.saturating_duration_since(answered);
+    assert!(
+        failed && kept < LINGER_BOUND,
+        "a {who} dripping on after its 408 kept the connection {kept:?} (write failed: {failed})"
+    );
+}
+
 /// The most the kernel lets one TCP socket buffer (the last of `net.ipv4.NAME`'s three values).
 fn tcp_buffer_max(name: &str) -> u64 {
     let path = format!("/proc/sys/net/ipv4/{name}");
@@ -667,9 +677,9 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
             let writer = drip(&s, &req, Duration::from_millis(200));
             let a = answer_and_close(&s, start);
             let answered = Instant::now();
-            let (stopped, failed) = writer.join().unwrap();
+            let stopped = writer.join().unwrap();
             drop(s);
-            (a, failed, stopped.saturating_duration_since(answered))
+            (a, answered, stopped)
         })
     };
     // Part of a head, then, after the 408, bytes as fast as the socket takes them.
@@ -709,7 +719,7 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
             (end, got, start.elapsed())
         })
     };
-    let ((status, json, took, closed), failed, kept) = dripped.join().unwrap();
+    let ((status, json, took, closed), answered, stopped) = dripped.join().unwrap();
     assert_eq!(
         (status, json["error"].as_str()),
         (408, Some("head_timeout"))
@@ -721,10 +731,7 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
     );
     assert!(closed, "the connection stayed open");
     // The head's remaining bytes would take far longer to drip than the linger.
-    assert!(
-        failed && kept < LINGER_BOUND,
-        "a client dripping on after its 408 kept the connection {kept:?} (write failed: {failed})"
-    );
+    assert_cut_off("client", answered, stopped);
     let (status, ended, kept, sent) = flooded.join().unwrap();
     assert_eq!(status, 408);
     assert!(
@@ -776,13 +783,9 @@ fn trickled_and_silent_request_heads_get_408_after_client_head_and_leave_nothing
     let writer = drip(&s, &req[..head], Duration::from_millis(200));
     let (status, json, took, closed) = answer_and_close(&s, start);
     let answered = Instant::now();
-    let (stopped, failed) = writer.join().unwrap();
+    let stopped = writer.join().unwrap();
     drop((w, r, s));
-    let kept = stopped.saturating_duration_since(answered);
-    assert!(
-        failed && kept < LINGER_BOUND,
-        "a keep-alive client dripping on after its 408 kept the connection {kept:?} (write failed: {failed})"
-    );
+    assert_cut_off("keep-alive client", answered, stopped);
     assert_eq!(
         (status, json["error"].as_str()),
         (408, Some("head_timeout"))
